@@ -1,0 +1,1 @@
+"""Repository root marker: lets pytest put the project packages on sys.path."""
