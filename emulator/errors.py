@@ -1,4 +1,4 @@
-"""Typed errors of the emulator: every failure a caller of the emulator API can see is one of these."""
+"""Typed errors of the emulator: every failure a caller of its API can see is one of these."""
 
 from __future__ import annotations
 
