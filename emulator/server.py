@@ -1,0 +1,304 @@
+"""The emulator process: store, certificates, the MQTT listener with DPS behind it, the service API.
+
+:class:`Emulator` runs inside an asyncio loop; :class:`EmulatorThread` runs one in a background
+thread (tests, demos); :func:`run_foreground` is ``dps-mqtt emulator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .certs import CertPaths, ensure_certificates, server_ssl_context
+from .config import EmulatorConfig
+from .dps_service import (
+    CONNACK_NOT_AUTHORIZED,
+    ConnectRefused,
+    DpsConfig,
+    DpsIdentity,
+    DpsService,
+    ProtocolViolation,
+)
+from .mqtt_codec import Connect, Publish
+from .mqtt_server import MqttConnection, MqttServer, Refused, ServerLimits, SessionClosed
+from .service_api import ServiceApi
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class DpsSession:
+    """Binds one authenticated MQTT connection to the DPS service; replies go only to it."""
+
+    def __init__(self, service: DpsService, identity: DpsIdentity, conn: MqttConnection) -> None:
+        self._service = service
+        self._identity = identity
+        self._conn = conn
+        self._granted: int | None = None
+
+    def subscribe(self, topic_filter: str, qos: int) -> int | None:
+        """Only ``$dps/registrations/res/#`` is allowed."""
+        granted = self._service.grant(topic_filter, qos)
+        if granted is not None:
+            self._granted = granted
+        return granted
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop the response subscription."""
+        if self._service.grant(topic_filter, 0) is not None:
+            self._granted = None
+
+    def publish(self, packet: Publish, now: float) -> None:
+        """Answer a register or poll request on this connection."""
+        try:
+            replies = self._service.handle_publish(
+                self._identity, packet.topic, packet.payload, now
+            )
+        except ProtocolViolation as exc:
+            raise SessionClosed(str(exc)) from exc
+        for reply in replies:
+            if self._granted is None:
+                log.info("%s did not subscribe to responses; answer dropped", packet.topic)
+                continue
+            self._conn.send_publish(reply.topic, reply.payload, self._granted)
+
+    def puback(self, packet_id: int) -> None:
+        """DPS keeps no state for acknowledged responses."""
+
+    def closed(self) -> None:
+        """DPS sessions are never persistent."""
+
+
+class Emulator:
+    """DPS (and later IoT Hub) emulator bound to one event loop."""
+
+    def __init__(
+        self,
+        config: EmulatorConfig,
+        *,
+        dps_config: DpsConfig | None = None,
+        limits: ServerLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._limits = limits or ServerLimits()
+        self._temp_dir: Path | None = None
+        if config.state_dir is None:
+            self._temp_dir = Path(tempfile.mkdtemp(prefix="dps-mqtt-emulator-"))
+            self.state_dir = self._temp_dir
+            store_path = ":memory:"
+        else:
+            self.state_dir = Path(config.state_dir)
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            store_path = str(self.state_dir / "emulator.db")
+        self.store = Store(store_path)
+        for hub in config.hubs:
+            self.store.add_hub(hub)
+        dps = dps_config or DpsConfig(id_scope=config.id_scope, retry_after=config.retry_after)
+        self.dps = DpsService(self.store, dps)
+        self.certs: CertPaths = ensure_certificates(
+            self.state_dir, _cert_names(config), _cert_addresses(config)
+        )
+        self._mqtt = MqttServer(
+            self._authenticate,
+            server_ssl_context(self.certs),
+            limits=self._limits,
+            clock=clock,
+        )
+        self.api = ServiceApi(
+            self.store, self.info, host=config.host, port=config.api_port, clock=clock
+        )
+        self.mqtt_port = config.mqtt_port
+
+    def _authenticate(self, connect: Connect, conn: MqttConnection, now: float) -> DpsSession:
+        username = connect.username or ""
+        if "/registrations/" not in username:
+            raise Refused(
+                CONNACK_NOT_AUTHORIZED, "not a DPS username (the hub is not emulated yet)"
+            )
+        try:
+            identity = self.dps.authenticate(
+                connect.client_id, connect.username, connect.password, now
+            )
+        except ConnectRefused as exc:
+            raise Refused(exc.return_code, exc.reason) from exc
+        return DpsSession(self.dps, identity, conn)
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate devices must trust."""
+        return self.certs.ca_cert
+
+    @property
+    def api_url(self) -> str:
+        """Base URL of the service API."""
+        return self.api.url
+
+    @property
+    def connection_count(self) -> int:
+        """MQTT connections open right now."""
+        return self._mqtt.connection_count
+
+    def info(self) -> dict[str, Any]:
+        """What a client needs to know to use this emulator."""
+        return {
+            "idScope": self.config.id_scope,
+            "dps": {
+                "host": self.config.hostnames[0],
+                "port": self.mqtt_port,
+                "bind": self.config.host,
+            },
+            "hubs": self.store.list_hubs(),
+            "serviceApi": self.api_url,
+            "caCertificate": str(self.ca_file),
+            "stateDir": None if self._temp_dir else str(self.state_dir),
+        }
+
+    async def start(self) -> None:
+        """Start listening (MQTT and service API)."""
+        self.mqtt_port = await self._mqtt.start(self.config.host, self.config.mqtt_port)
+        self.api.start()
+        log.info(
+            "emulator listening: MQTT %s:%d, API %s", self.config.host, self.mqtt_port, self.api_url
+        )
+
+    async def stop(self) -> None:
+        """Stop serving, close every connection and the store."""
+        await self._mqtt.stop()
+        self.api.stop()
+        self.store.close()
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+
+def _cert_names(config: EmulatorConfig) -> list[str]:
+    names: list[str] = []
+    for name in (*config.hostnames, *config.hubs, "localhost"):
+        if _is_ip(name) or name in names:
+            continue
+        names.append(name)
+    return names
+
+
+def _cert_addresses(config: EmulatorConfig) -> list[str]:
+    addresses = ["127.0.0.1", "::1"]
+    for name in (config.host, *config.hostnames, *config.hubs):
+        if _is_ip(name) and name not in addresses and name not in ("0.0.0.0", "::"):
+            addresses.append(name)
+    return addresses
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class EmulatorThread:
+    """Runs an :class:`Emulator` on its own event loop in a daemon thread."""
+
+    def __init__(self, config: EmulatorConfig, **kwargs: Any) -> None:
+        self._config = config
+        self._kwargs = kwargs
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="dps-mqtt-emulator", daemon=True)
+        self._ready = threading.Event()
+        self._stopped: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.emulator: Emulator | None = None
+
+    def start(self, timeout: float = 30.0) -> Emulator:
+        """Start the thread and wait until the emulator listens."""
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the emulator did not start in time")
+        if self._error is not None or self.emulator is None:
+            raise RuntimeError(f"the emulator failed to start: {self._error}") from self._error
+        return self.emulator
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+        self._loop.close()
+
+    async def _main(self) -> None:
+        self._stopped = asyncio.Event()
+        try:
+            self.emulator = Emulator(self._config, **self._kwargs)
+            await self.emulator.start()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stopped.wait()
+        await self.emulator.stop()
+
+    def call(self, func: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run ``func`` on the emulator's loop and return its result."""
+
+        async def runner() -> Any:
+            return func()
+
+        return asyncio.run_coroutine_threadsafe(runner(), self._loop).result(timeout)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the emulator and join the thread."""
+        if self._stopped is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_foreground(config: EmulatorConfig) -> int:
+    """Run the emulator until Ctrl-C or SIGTERM; print where it listens. Returns an exit code."""
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    async def main() -> None:
+        emulator = Emulator(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await emulator.start()
+        info = emulator.info()
+        print("dps-mqtt emulator is running", flush=True)
+        print(
+            f"  DPS (MQTT over TLS): {info['dps']['host']}:{emulator.mqtt_port}"
+            f"  id scope {config.id_scope}",
+            flush=True,
+        )
+        print(f"  linked IoT hubs:     {', '.join(info['hubs']) or '(none)'}", flush=True)
+        print(f"  service API:         {emulator.api_url}", flush=True)
+        print(f"  CA certificate:      {emulator.ca_file}", flush=True)
+        print(f"  state directory:     {info['stateDir'] or '(in memory)'}", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+        await stop.wait()
+        print("stopping", flush=True)
+        await emulator.stop()
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"dps-mqtt emulator: cannot start: {exc}", flush=True)
+        return 1
+    return 0
