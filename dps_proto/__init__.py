@@ -58,9 +58,9 @@ from .topics import (
 )
 
 if TYPE_CHECKING:
-    from .mqtt_transport import DeviceCredentials, provision, provision_async
+    from .mqtt_transport import provision, provision_async
 
-_LAZY = {"DeviceCredentials", "provision", "provision_async"}
+_LAZY = {"provision", "provision_async"}
 
 
 def __getattr__(name: str) -> Any:
@@ -76,7 +76,6 @@ __all__ = [
     "DEFAULT_API_VERSION",
     "RESPONSE_SUBSCRIBE_TOPIC",
     "Assignment",
-    "DeviceCredentials",
     "DpsConnectionError",
     "DpsError",
     "DpsParseError",
