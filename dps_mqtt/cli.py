@@ -1,0 +1,459 @@
+"""The ``dps-mqtt`` command line (argparse).
+
+Sub-commands: ``emulator`` (run the local DPS), ``enrollment`` / ``group`` / ``registration``
+(manage it through its service API, printing JSON), ``provision`` (register a device with any DPS).
+Heavy modules (paho, cryptography, the emulator) are imported inside the sub-command that needs
+them, so ``dps-mqtt --help`` stays fast. Expected failures print one line on stderr and exit 1;
+usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+
+__all__ = ["DEFAULT_API_URL", "build_parser", "main"]
+
+#: Where the service API of a locally running ``dps-mqtt emulator`` listens by default.
+DEFAULT_API_URL = "http://127.0.0.1:8480"
+API_ENV = "DPS_MQTT_API"
+PROG = "dps-mqtt"
+
+_Command = Callable[[argparse.Namespace], int]
+
+
+class CommandError(Exception):
+    """An expected failure of a sub-command: printed as one line, exit code 1."""
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = _json_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from exc
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from emulator.service_client import ServiceClient
+
+    url = args.api or os.environ.get(API_ENV) or DEFAULT_API_URL
+    return ServiceClient(url)
+
+
+# ---------------------------------------------------------------------------- emulator
+
+
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    from emulator.config import EmulatorConfig
+    from emulator.server import run_foreground
+
+    config = EmulatorConfig(
+        state_dir=None if args.in_memory else Path(args.state_dir),
+        host=args.host,
+        mqtt_port=args.port,
+        api_port=args.api_port,
+        id_scope=args.id_scope,
+        hubs=tuple(args.hub) if args.hub else ("localhost",),
+        hostnames=tuple(args.hostname) if args.hostname else ("localhost",),
+        log_level="DEBUG" if args.verbose else args.log_level,
+    )
+    try:
+        return run_foreground(config)
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------------- enrollments, groups
+
+
+def _symmetric_keys(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "primary_key": args.key,
+        "secondary_key": args.secondary_key,
+        "iot_hub_host_name": args.hub,
+        "initial_twin": args.initial_twin,
+        "provisioning_status": "disabled" if args.disabled else "enabled",
+    }
+
+
+def _cmd_enrollment_create(args: argparse.Namespace) -> int:
+    client = _client(args)
+    created = client.create_enrollment(args.id, device_id=args.device_id, **_symmetric_keys(args))
+    _print_json(created)
+    return 0
+
+
+def _cmd_enrollment_list(args: argparse.Namespace) -> int:
+    _print_json(_client(args).list_enrollments())
+    return 0
+
+
+def _cmd_enrollment_show(args: argparse.Namespace) -> int:
+    _print_json(_client(args).get_enrollment(args.id))
+    return 0
+
+
+def _cmd_enrollment_delete(args: argparse.Namespace) -> int:
+    _client(args).delete_enrollment(args.id)
+    _print_json({"registrationId": args.id, "deleted": True})
+    return 0
+
+
+def _set_enrollment_status(status: str) -> _Command:
+    def command(args: argparse.Namespace) -> int:
+        client = _client(args)
+        body = client.get_enrollment(args.id)
+        etag = body.get("etag")
+        body["provisioningStatus"] = status
+        _print_json(client.put_enrollment(body, etag=etag if isinstance(etag, str) else None))
+        return 0
+
+    return command
+
+
+def _cmd_group_create(args: argparse.Namespace) -> int:
+    _print_json(_client(args).create_group(args.id, **_symmetric_keys(args)))
+    return 0
+
+
+def _cmd_group_list(args: argparse.Namespace) -> int:
+    _print_json(_client(args).list_groups())
+    return 0
+
+
+def _cmd_group_show(args: argparse.Namespace) -> int:
+    _print_json(_client(args).get_group(args.id))
+    return 0
+
+
+def _cmd_group_delete(args: argparse.Namespace) -> int:
+    _client(args).delete_group(args.id)
+    _print_json({"enrollmentGroupId": args.id, "deleted": True})
+    return 0
+
+
+def _set_group_status(status: str) -> _Command:
+    def command(args: argparse.Namespace) -> int:
+        client = _client(args)
+        body = client.get_group(args.id)
+        etag = body.get("etag")
+        body["provisioningStatus"] = status
+        _print_json(client.put_group(body, etag=etag if isinstance(etag, str) else None))
+        return 0
+
+    return command
+
+
+def _cmd_group_derive_key(args: argparse.Namespace) -> int:
+    from dps_proto import derive_device_key
+
+    print(derive_device_key(args.group_key, args.registration_id))
+    return 0
+
+
+# ---------------------------------------------------------------------------- registrations
+
+
+def _cmd_registration_list(args: argparse.Namespace) -> int:
+    _print_json(_client(args).list_registrations())
+    return 0
+
+
+def _cmd_registration_show(args: argparse.Namespace) -> int:
+    _print_json(_client(args).get_registration(args.id))
+    return 0
+
+
+def _cmd_registration_delete(args: argparse.Namespace) -> int:
+    _client(args).delete_registration(args.id)
+    _print_json({"registrationId": args.id, "deleted": True})
+    return 0
+
+
+# ---------------------------------------------------------------------------- provision
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from dps_proto import provision
+
+    assignment = provision(
+        provisioning_host=args.host,
+        id_scope=args.id_scope,
+        registration_id=args.registration_id,
+        symmetric_key=args.key,
+        group_key=args.group_key,
+        payload=args.payload,
+        port=args.port,
+        ca_file=args.ca_file,
+        timeout=args.timeout,
+    )
+    _print_json(assignment.to_json())
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _api_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--api",
+        metavar="URL",
+        default=None,
+        help=f"service API of the emulator (default: ${API_ENV} or {DEFAULT_API_URL})",
+    )
+    return parent
+
+
+def _add_create_options(parser: argparse.ArgumentParser, *, individual: bool) -> None:
+    parser.add_argument("--key", metavar="K", help="primary key, base64 (default: generated)")
+    parser.add_argument(
+        "--secondary-key", metavar="K", help="secondary key, base64 (default: generated)"
+    )
+    if individual:
+        parser.add_argument(
+            "--device-id", metavar="D", help="hub device id (default: the registration id)"
+        )
+    parser.add_argument("--hub", metavar="H", help="IoT hub host name to assign devices to")
+    parser.add_argument(
+        "--initial-twin",
+        metavar="JSON",
+        type=_json_object,
+        help='initial twin, e.g. \'{"tags": {}, "properties": {"desired": {}}}\'',
+    )
+    parser.add_argument("--disabled", action="store_true", help="create it disabled")
+
+
+def _add_crud(
+    sub: Any,
+    api: argparse.ArgumentParser,
+    *,
+    noun: str,
+    id_help: str,
+    create: _Command,
+    list_: _Command,
+    show: _Command,
+    delete: _Command,
+    enable: _Command,
+    disable: _Command,
+    individual: bool,
+) -> None:
+    p = sub.add_parser("create", parents=[api], help=f"create or replace a symmetric-key {noun}")
+    p.add_argument("id", metavar="ID", help=id_help)
+    _add_create_options(p, individual=individual)
+    p.set_defaults(func=create)
+    p = sub.add_parser("list", parents=[api], help=f"list every {noun}")
+    p.set_defaults(func=list_)
+    for verb, func, text in (
+        ("show", show, f"show one {noun}"),
+        ("delete", delete, f"delete one {noun}"),
+        ("enable", enable, f"enable one {noun}"),
+        ("disable", disable, f"disable one {noun} (its devices are refused)"),
+    ):
+        p = sub.add_parser(verb, parents=[api], help=text)
+        p.add_argument("id", metavar="ID", help=id_help)
+        p.set_defaults(func=func)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The complete ``dps-mqtt`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Azure DPS / IoT Hub device stack over MQTT, and a local emulator of both.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    api = _api_parent()
+
+    emu = commands.add_parser("emulator", help="run the local DPS emulator in the foreground")
+    emu.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default="./.dps-mqtt-emulator",
+        help="where the database and certificates live (default: %(default)s)",
+    )
+    emu.add_argument(
+        "--in-memory", action="store_true", help="keep nothing: in-memory store, temporary certs"
+    )
+    emu.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    emu.add_argument(
+        "--port", type=_port, default=8883, help="MQTT (TLS) port; 0 = any (default: %(default)s)"
+    )
+    emu.add_argument(
+        "--api-port",
+        type=_port,
+        default=8480,
+        help="service API port; 0 = any (default: %(default)s)",
+    )
+    emu.add_argument(
+        "--id-scope", default="0ne00000000", help="DPS id scope (default: %(default)s)"
+    )
+    emu.add_argument(
+        "--hub",
+        metavar="NAME",
+        action="append",
+        help="linked IoT hub host name; repeatable (default: localhost)",
+    )
+    emu.add_argument(
+        "--hostname",
+        metavar="NAME",
+        action="append",
+        help="name the server certificate covers; repeatable (default: localhost)",
+    )
+    emu.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="logging level (default: %(default)s)",
+    )
+    emu.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    emu.set_defaults(func=_cmd_emulator)
+
+    enrollment = commands.add_parser("enrollment", help="manage individual enrollments")
+    enrollment_sub = enrollment.add_subparsers(dest="verb", metavar="VERB", required=True)
+    _add_crud(
+        enrollment_sub,
+        api,
+        noun="individual enrollment",
+        id_help="registration id",
+        create=_cmd_enrollment_create,
+        list_=_cmd_enrollment_list,
+        show=_cmd_enrollment_show,
+        delete=_cmd_enrollment_delete,
+        enable=_set_enrollment_status("enabled"),
+        disable=_set_enrollment_status("disabled"),
+        individual=True,
+    )
+
+    group = commands.add_parser("group", help="manage enrollment groups")
+    group_sub = group.add_subparsers(dest="verb", metavar="VERB", required=True)
+    _add_crud(
+        group_sub,
+        api,
+        noun="enrollment group",
+        id_help="enrollment group id",
+        create=_cmd_group_create,
+        list_=_cmd_group_list,
+        show=_cmd_group_show,
+        delete=_cmd_group_delete,
+        enable=_set_group_status("enabled"),
+        disable=_set_group_status("disabled"),
+        individual=False,
+    )
+    derive = group_sub.add_parser(
+        "derive-key", help="print a device's key derived from its group key"
+    )
+    derive.add_argument("group_key", metavar="GROUP_KEY", help="the group's key, base64")
+    derive.add_argument("registration_id", metavar="REGISTRATION_ID")
+    derive.set_defaults(func=_cmd_group_derive_key)
+
+    registration = commands.add_parser("registration", help="read device registration records")
+    registration_sub = registration.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = registration_sub.add_parser("list", parents=[api], help="list every registration")
+    p.set_defaults(func=_cmd_registration_list)
+    p = registration_sub.add_parser("show", parents=[api], help="show one registration")
+    p.add_argument("id", metavar="ID", help="registration id")
+    p.set_defaults(func=_cmd_registration_show)
+    p = registration_sub.add_parser("delete", parents=[api], help="forget one registration")
+    p.add_argument("id", metavar="ID", help="registration id")
+    p.set_defaults(func=_cmd_registration_delete)
+
+    prov = commands.add_parser("provision", help="register a device with DPS over MQTT")
+    prov.add_argument(
+        "--host", required=True, help="DPS host, e.g. global.azure-devices-provisioning.net"
+    )
+    prov.add_argument("--id-scope", required=True, help="DPS id scope")
+    prov.add_argument("--registration-id", required=True, help="the device's registration id")
+    keys = prov.add_mutually_exclusive_group(required=True)
+    keys.add_argument("--key", metavar="K", help="individual enrollment key, base64")
+    keys.add_argument("--group-key", metavar="K", help="enrollment group key, base64")
+    prov.add_argument("--port", type=_port, default=8883, help="MQTT port (default: %(default)s)")
+    prov.add_argument("--ca-file", metavar="F", help="CA certificate(s) to trust (PEM)")
+    prov.add_argument(
+        "--payload", metavar="JSON", type=_json_value, help="custom allocation payload"
+    )
+    prov.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        help="give up after this many seconds (default: %(default)s)",
+    )
+    prov.set_defaults(func=_cmd_provision)
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``dps-mqtt`` with ``argv`` (default: the process arguments); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: _Command | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        message = _expected_failure(exc)
+        if message is None:
+            raise
+        return _error(message)
+
+
+def _expected_failure(exc: Exception) -> str | None:
+    """The one-line message of an expected failure, or ``None`` for a bug (keep the traceback)."""
+    from dps_proto.errors import DpsError
+    from emulator.errors import EmulatorError
+
+    if isinstance(exc, (DpsError, EmulatorError)):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return str(exc) or type(exc).__name__
+    return None

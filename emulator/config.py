@@ -1,0 +1,29 @@
+"""Settings of one emulator run (DPS + IoT Hub + service API), as the CLI and tests build them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["EmulatorConfig"]
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """Where the emulator keeps its state, where it listens and which hubs it pretends to be.
+
+    ``state_dir=None`` means an in-memory store and a temporary certificate directory: nothing
+    survives the run, which is what tests want. Every listener binds to ``host`` (loopback by
+    default); ``hubs`` are the linked hub host names DPS assigns devices to and ``hostnames`` the
+    names the server certificate covers.
+    """
+
+    state_dir: Path | None = None
+    host: str = "127.0.0.1"
+    mqtt_port: int = 8883
+    api_port: int = 8480
+    id_scope: str = "0ne00000000"
+    hubs: tuple[str, ...] = ("localhost",)
+    hostnames: tuple[str, ...] = ("localhost",)
+    retry_after: int = 1
+    log_level: str = "INFO"

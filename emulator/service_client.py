@@ -1,0 +1,278 @@
+"""A small typed client for the emulator's service API (used by the CLI, the demo and tests).
+
+Standard library only (``http.client``), one connection per call. Every failure is a
+:class:`ServiceApiError`: an error answer carries the HTTP status and Azure's ``errorCode``; a
+connection failure has status 0.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from .errors import EmulatorError
+
+__all__ = ["ServiceApiError", "ServiceClient"]
+
+#: Largest answer the client reads (the API's lists can be long, but not unbounded).
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+#: Largest body the service API accepts (its ``MAX_BODY_BYTES``); bigger ones fail here, before
+#: sending, because the server closes the connection without reading them.
+MAX_REQUEST_BYTES = 1024 * 1024
+
+
+class ServiceApiError(EmulatorError):
+    """The service API answered with an error, or could not be reached (``status`` 0)."""
+
+    def __init__(self, status: int, error_code: int | None, message: str) -> None:
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+        if status == 0:
+            text = message
+        else:
+            code = f" (errorCode {error_code})" if error_code is not None else ""
+            text = f"service API answered {status}{code}: {message}"
+        super().__init__(text)
+
+
+def _symmetric_key_attestation(
+    primary_key: str | None, secondary_key: str | None
+) -> dict[str, Any]:
+    keys: dict[str, str] = {}
+    if primary_key is not None:
+        keys["primaryKey"] = primary_key
+    if secondary_key is not None:
+        keys["secondaryKey"] = secondary_key
+    return {"type": "symmetricKey", "symmetricKey": keys}
+
+
+class ServiceClient:
+    """Calls the emulator's service API at ``base_url`` (``http://127.0.0.1:8480``)."""
+
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ServiceApiError(
+                0, None, f"the service API URL must be http://HOST:PORT, got {base_url!r}"
+            )
+        try:
+            port = parts.port or 80
+        except ValueError as exc:
+            raise ServiceApiError(0, None, f"bad port in service API URL {base_url!r}") from exc
+        self._host = parts.hostname
+        self._port = port
+        self._prefix = parts.path.rstrip("/")
+        self._timeout = timeout
+        self.base_url = base_url.rstrip("/")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """Send one request; return the decoded JSON answer (``None`` when it has no body)."""
+        send_headers = {"Accept": "application/json", **(headers or {})}
+        payload: bytes | None = None
+        if body is not None:
+            try:
+                payload = json.dumps(body, allow_nan=False).encode("utf-8")
+            except (TypeError, ValueError) as exc:
+                raise ServiceApiError(0, None, f"the request body is not JSON: {exc}") from exc
+            if len(payload) > MAX_REQUEST_BYTES:
+                raise ServiceApiError(
+                    413, None, f"the request body is larger than {MAX_REQUEST_BYTES} bytes"
+                )
+            send_headers["Content-Type"] = "application/json"
+        elif method in ("PUT", "POST", "PATCH"):
+            payload = b""
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        try:
+            conn.request(method, self._prefix + path, body=payload, headers=send_headers)
+            response = conn.getresponse()
+            data = response.read(MAX_RESPONSE_BYTES + 1)
+            status = response.status
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServiceApiError(
+                0, None, f"cannot reach the service API at {self.base_url}: {_describe(exc)}"
+            ) from exc
+        finally:
+            conn.close()
+        if len(data) > MAX_RESPONSE_BYTES:
+            raise ServiceApiError(status, None, "the answer is too large")
+        decoded: Any = None
+        if data:
+            try:
+                decoded = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                if status >= 400:
+                    raise ServiceApiError(status, None, "error answer is not JSON") from exc
+                raise ServiceApiError(status, None, "the answer is not valid JSON") from exc
+        if status >= 400:
+            error_code: int | None = None
+            message = http.client.responses.get(status, "error")
+            if isinstance(decoded, dict):
+                code = decoded.get("errorCode")
+                if isinstance(code, int) and not isinstance(code, bool):
+                    error_code = code
+                if isinstance(decoded.get("message"), str):
+                    message = decoded["message"]
+            raise ServiceApiError(status, error_code, message)
+        return decoded
+
+    def _get_object(self, path: str) -> dict[str, Any]:
+        return _as_object(self.request("GET", path))
+
+    def _get_list(self, path: str) -> list[Any]:
+        value = self.request("GET", path)
+        if not isinstance(value, list):
+            raise ServiceApiError(200, None, f"expected a JSON list from GET {path}")
+        return value
+
+    def _put_object(self, path: str, body: dict[str, Any], etag: str | None) -> dict[str, Any]:
+        headers = {"If-Match": f'"{etag}"'} if etag else None
+        return _as_object(self.request("PUT", path, body, headers=headers))
+
+    # ------------------------------------------------------------------ API
+
+    def info(self) -> dict[str, Any]:
+        """The emulator's id scope, endpoints and CA certificate path."""
+        return self._get_object("/info")
+
+    def list_hubs(self) -> list[str]:
+        """Host names of the linked hubs."""
+        return [str(hub) for hub in self._get_list("/hubs")]
+
+    # individual enrollments
+
+    def create_enrollment(
+        self,
+        registration_id: str,
+        *,
+        primary_key: str | None = None,
+        secondary_key: str | None = None,
+        device_id: str | None = None,
+        iot_hub_host_name: str | None = None,
+        initial_twin: dict[str, Any] | None = None,
+        provisioning_status: str = "enabled",
+    ) -> dict[str, Any]:
+        """Create (or replace) a symmetric-key enrollment; keys left out are generated."""
+        body: dict[str, Any] = {
+            "registrationId": registration_id,
+            "attestation": _symmetric_key_attestation(primary_key, secondary_key),
+            "provisioningStatus": provisioning_status,
+        }
+        if device_id is not None:
+            body["deviceId"] = device_id
+        if iot_hub_host_name is not None:
+            body["iotHubHostName"] = iot_hub_host_name
+        if initial_twin is not None:
+            body["initialTwin"] = initial_twin
+        return self.put_enrollment(body)
+
+    def put_enrollment(self, body: dict[str, Any], *, etag: str | None = None) -> dict[str, Any]:
+        """PUT an ``IndividualEnrollment`` JSON object; with ``etag``, only over that version."""
+        registration_id = body.get("registrationId")
+        if not isinstance(registration_id, str) or not registration_id:
+            raise ServiceApiError(0, None, "the enrollment needs a registrationId")
+        return self._put_object(f"/enrollments/{_segment(registration_id)}", body, etag)
+
+    def get_enrollment(self, registration_id: str) -> dict[str, Any]:
+        """One enrollment (404 as :class:`ServiceApiError` if absent)."""
+        return self._get_object(f"/enrollments/{_segment(registration_id)}")
+
+    def list_enrollments(self) -> list[dict[str, Any]]:
+        """All individual enrollments."""
+        return [_as_object(item) for item in self._get_list("/enrollments")]
+
+    def delete_enrollment(self, registration_id: str, *, etag: str | None = None) -> None:
+        """Delete an enrollment; with ``etag``, only that version."""
+        headers = {"If-Match": f'"{etag}"'} if etag else None
+        self.request("DELETE", f"/enrollments/{_segment(registration_id)}", headers=headers)
+
+    # enrollment groups
+
+    def create_group(
+        self,
+        group_id: str,
+        *,
+        primary_key: str | None = None,
+        secondary_key: str | None = None,
+        iot_hub_host_name: str | None = None,
+        initial_twin: dict[str, Any] | None = None,
+        provisioning_status: str = "enabled",
+    ) -> dict[str, Any]:
+        """Create (or replace) a symmetric-key enrollment group; keys left out are generated."""
+        body: dict[str, Any] = {
+            "enrollmentGroupId": group_id,
+            "attestation": _symmetric_key_attestation(primary_key, secondary_key),
+            "provisioningStatus": provisioning_status,
+        }
+        if iot_hub_host_name is not None:
+            body["iotHubHostName"] = iot_hub_host_name
+        if initial_twin is not None:
+            body["initialTwin"] = initial_twin
+        return self.put_group(body)
+
+    def put_group(self, body: dict[str, Any], *, etag: str | None = None) -> dict[str, Any]:
+        """PUT an ``EnrollmentGroup`` JSON object; with ``etag``, only over that version."""
+        group_id = body.get("enrollmentGroupId")
+        if not isinstance(group_id, str) or not group_id:
+            raise ServiceApiError(0, None, "the enrollment group needs an enrollmentGroupId")
+        return self._put_object(f"/enrollmentGroups/{_segment(group_id)}", body, etag)
+
+    def get_group(self, group_id: str) -> dict[str, Any]:
+        """One enrollment group (404 as :class:`ServiceApiError` if absent)."""
+        return self._get_object(f"/enrollmentGroups/{_segment(group_id)}")
+
+    def list_groups(self) -> list[dict[str, Any]]:
+        """All enrollment groups."""
+        return [_as_object(item) for item in self._get_list("/enrollmentGroups")]
+
+    def delete_group(self, group_id: str, *, etag: str | None = None) -> None:
+        """Delete an enrollment group; with ``etag``, only that version."""
+        headers = {"If-Match": f'"{etag}"'} if etag else None
+        self.request("DELETE", f"/enrollmentGroups/{_segment(group_id)}", headers=headers)
+
+    # registrations
+
+    def list_registrations(self) -> list[dict[str, Any]]:
+        """Every device's latest registration record."""
+        return [_as_object(item) for item in self._get_list("/registrations")]
+
+    def get_registration(self, registration_id: str) -> dict[str, Any]:
+        """One device's registration record (404 as :class:`ServiceApiError` if absent)."""
+        return self._get_object(f"/registrations/{_segment(registration_id)}")
+
+    def delete_registration(self, registration_id: str) -> None:
+        """Forget a device's registration record."""
+        self.request("DELETE", f"/registrations/{_segment(registration_id)}")
+
+
+def _segment(value: str) -> str:
+    """Percent-encode one path segment (``/`` included); an empty id is refused here."""
+    if not value:
+        raise ServiceApiError(0, None, "an id must not be empty")
+    return quote(value, safe="")
+
+
+def _as_object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ServiceApiError(200, None, "expected a JSON object from the service API")
+    return value
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is `dps-mqtt emulator` running?)"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timed out"
+    return str(exc) or type(exc).__name__
