@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO
 
 ID_SCOPE = "0ne0000DEMO"
 GROUP_ID = "demo-sensors"
@@ -40,8 +40,20 @@ def _step(text: str) -> None:
 def start_emulator(state_dir: Path, timeout: float = 30.0) -> RunningEmulator:
     """Run ``python -m dps_mqtt emulator`` on free ports and read its endpoints from stdout."""
     command = [
-        sys.executable, "-m", "dps_mqtt", "emulator", "--state-dir", str(state_dir),
-        "--port", "0", "--api-port", "0", "--id-scope", ID_SCOPE, "--log-level", "WARNING",
+        sys.executable,
+        "-m",
+        "dps_mqtt",
+        "emulator",
+        "--state-dir",
+        str(state_dir),
+        "--port",
+        "0",
+        "--api-port",
+        "0",
+        "--id-scope",
+        ID_SCOPE,
+        "--log-level",
+        "WARNING",
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
@@ -56,8 +68,7 @@ def start_emulator(state_dir: Path, timeout: float = 30.0) -> RunningEmulator:
     return RunningEmulator(process, int(port.group(1)), api.group(1), ca.group(1))
 
 
-def _read_until_ready(stream: IO[str], process: subprocess.Popen[str],
-                      timeout: float) -> list[str]:
+def _read_until_ready(stream: IO[str], process: subprocess.Popen[str], timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     lines: list[str] = []
     while time.monotonic() < deadline:
@@ -82,7 +93,7 @@ def stop_emulator(emulator: RunningEmulator) -> None:
         emulator.process.wait(timeout=5)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
     del argv
     from dps_proto import DpsError, derive_device_key, provision

@@ -15,12 +15,18 @@ from emulator.service_client import ServiceClient
 ID_SCOPE = "0ne00000A0A"
 
 
-def start_emulator(state_dir: Path | None = None, *, mqtt_port: int = 0,
-                   **dps: object) -> EmulatorThread:
+def start_emulator(
+    state_dir: Path | None = None, *, mqtt_port: int = 0, **dps: object
+) -> EmulatorThread:
     """Start an emulator on free ports (or ``mqtt_port``); the caller stops it."""
     config = EmulatorConfig(
-        state_dir=state_dir, host="127.0.0.1", mqtt_port=mqtt_port, api_port=0, id_scope=ID_SCOPE,
-        hubs=("localhost",), hostnames=("localhost",),
+        state_dir=state_dir,
+        host="127.0.0.1",
+        mqtt_port=mqtt_port,
+        api_port=0,
+        id_scope=ID_SCOPE,
+        hubs=("localhost",),
+        hostnames=("localhost",),
     )
     dps_config = DpsConfig(id_scope=ID_SCOPE, retry_after=0)
     for name, value in dps.items():

@@ -1,4 +1,4 @@
-"""Microsoft's official Python SDK (azure-iot-device 2.14) provisions against the emulator unchanged.
+"""Microsoft's Python SDK (azure-iot-device 2.14) provisions against the emulator unchanged.
 
 The SDK cannot change port 8883, so the emulator listens there for these tests; it runs from its
 own virtualenv because it pins paho-mqtt < 2.
@@ -32,8 +32,20 @@ def emulator_8883() -> Iterator[Emulator]:
 def _sdk_provision(emulator: Emulator, registration_id: str, key: str) -> dict[str, object]:
     proc = run_sdk_program(
         "sdk_provision",
-        ["--host", "localhost", "--id-scope", ID_SCOPE, "--registration-id", registration_id,
-         "--key", key, "--ca-file", str(emulator.ca_file), "--timeout", "60"],
+        [
+            "--host",
+            "localhost",
+            "--id-scope",
+            ID_SCOPE,
+            "--registration-id",
+            registration_id,
+            "--key",
+            key,
+            "--ca-file",
+            str(emulator.ca_file),
+            "--timeout",
+            "60",
+        ],
         timeout=90,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
