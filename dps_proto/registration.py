@@ -301,7 +301,8 @@ class Registration:
             else:
                 self._fail(DpsServiceError(0, f"no answer after {self.policy.max_retries} retries"))
             return
-        backoff = min(self.policy.backoff_cap, self.policy.backoff_base * 2 ** (self._retries - 1))
+        exponent = min(self._retries - 1, 1023)  # 2.0 ** 1024 would overflow a float
+        backoff = min(self.policy.backoff_cap, self.policy.backoff_base * 2.0**exponent)
         jittered = backoff / 2 + self._rng.uniform(0, backoff / 2)
         delay = self._retry_after(retry_after, jittered)
         log.info("%s answered %s; retry %d in %.1f s", kind, why, self._retries, delay)
