@@ -194,14 +194,23 @@ class MqttConnection:
 
     async def _read_loop(self) -> None:
         connect_deadline = time.monotonic() + self._limits.connect_timeout
+        # When the packet now being received must be complete (packet_timeout after it started).
+        packet_deadline: float | None = None
         while not self._closed:
             timeout = self._read_timeout()
             if not self._codec.connected:
                 timeout = max(0.0, connect_deadline - time.monotonic())
+            elif packet_deadline is not None:
+                timeout = min(timeout, max(0.0, packet_deadline - time.monotonic()))
             data = await asyncio.wait_for(self._reader.read(65536), timeout)
             if not data:
                 return
-            for packet in self._codec.receive_data(data):
+            packets = self._codec.receive_data(data)
+            if not self._codec.buffered:
+                packet_deadline = None
+            elif packets or packet_deadline is None:
+                packet_deadline = time.monotonic() + self._limits.packet_timeout
+            for packet in packets:
                 self._handle(packet)
                 if self._closed:
                     break
