@@ -58,7 +58,8 @@ from .topics import (
 )
 
 if TYPE_CHECKING:
-    from .mqtt_transport import provision, provision_async
+    from .mqtt_transport import provision as provision
+    from .mqtt_transport import provision_async as provision_async
 
 _LAZY = {"provision", "provision_async"}
 
@@ -113,8 +114,6 @@ __all__ = [
     "parse_sas_token",
     "parse_username",
     "poll_topic",
-    "provision",
-    "provision_async",
     "register_topic",
     "response_topic",
     "username",

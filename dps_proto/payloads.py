@@ -24,12 +24,16 @@ def _load_object(data: bytes, what: str) -> dict[str, Any]:
     if len(data) > MAX_PAYLOAD_BYTES:
         raise DpsParseError(f"{what} is larger than {MAX_PAYLOAD_BYTES} bytes")
     try:
-        value = json.loads(bytes(data).decode("utf-8"))
+        value = json.loads(bytes(data).decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise DpsParseError(f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise DpsParseError(f"{what} must be a JSON object")
     return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _opt_str(obj: dict[str, Any], key: str, where: str) -> str | None:
@@ -81,7 +85,7 @@ def build_register_payload(request: RegisterRequest) -> bytes:
     if request.csr is not None:
         body["csr"] = request.csr
     try:
-        return json.dumps(body, separators=(",", ":")).encode("utf-8")
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise DpsParseError(f"the custom payload is not JSON-serialisable: {exc}") from exc
 

@@ -20,6 +20,7 @@ from .errors import (
     DpsParseError,
     DpsServiceError,
     DpsStateError,
+    ProvisioningTimeout,
     RegistrationDisabled,
     RegistrationFailed,
 )
@@ -34,6 +35,9 @@ from .payloads import (
 from .topics import RESPONSE_PREFIX, parse_response_topic, poll_topic, register_topic
 
 log = logging.getLogger(__name__)
+
+#: Seconds past the poll window before the next poll, so no closed window holds too many.
+_WINDOW_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -244,7 +248,6 @@ class Registration:
         if isinstance(body, ErrorBody):
             self._fail(_service_error(status, payload))
             return
-        self._retries = 0
         if body.status == "assigned":
             self._assign(body)
         elif body.status == "failed":
@@ -260,11 +263,19 @@ class Registration:
             if body.operation_id:
                 self._operation_id = body.operation_id
             if self._operation_id is None:
+                # Registering again is a retry: it counts, and waits at least the poll interval.
                 log.info("status %r without operationId: registering again", body.status)
-                kind = "register"
-            else:
-                kind = "poll"
-            self._wait(kind, self._retry_after(retry_after, self.policy.default_poll_interval), now)
+                self._retries += 1
+                if self._retries > self.policy.max_retries:
+                    self._fail(DpsServiceError(status, "DPS keeps answering without operationId"))
+                    return
+                delay = max(self._retry_after(retry_after, 0.0), self.policy.default_poll_interval)
+                self._wait("register", delay, now)
+                return
+            self._retries = 0
+            self._wait(
+                "poll", self._retry_after(retry_after, self.policy.default_poll_interval), now
+            )
 
     def _assign(self, body: OperationStatus) -> None:
         state = body.registration_state
@@ -299,7 +310,11 @@ class Registration:
             if status:
                 self._fail(_service_error(status, payload))
             else:
-                self._fail(DpsServiceError(0, f"no answer after {self.policy.max_retries} retries"))
+                self._fail(
+                    ProvisioningTimeout(
+                        f"DPS did not answer {self.policy.max_retries + 1} requests"
+                    )
+                )
             return
         exponent = min(self._retries - 1, 1023)  # 2.0 ** 1024 would overflow a float
         backoff = min(self.policy.backoff_cap, self.policy.backoff_base * 2.0**exponent)
@@ -322,8 +337,10 @@ class Registration:
         if kind == "poll":
             window_start = self._poll_times[0] if self._poll_times else None
             full = len(self._poll_times) == self._poll_times.maxlen
-            if full and window_start is not None and now < window_start + self.policy.poll_window:
-                self._wait("poll", window_start + self.policy.poll_window - now, now)
+            # The window is closed at both ends: the 6th poll waits until just after it.
+            window_end = (window_start or 0.0) + self.policy.poll_window
+            if full and window_start is not None and now <= window_end:
+                self._wait("poll", window_end + _WINDOW_MARGIN - now, now)
                 return
         self._rid_counter += 1
         self._rid = str(self._rid_counter)

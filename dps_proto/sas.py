@@ -99,8 +99,8 @@ def generate_sas_token(
 
     ``expiry`` is absolute (seconds since the Unix epoch): the caller computes it from its clock.
     """
-    if not isinstance(expiry, int) or expiry < 0:
-        raise SasError("expiry must be a non-negative integer (seconds since the epoch)")
+    if isinstance(expiry, bool) or not isinstance(expiry, int) or not 0 <= expiry < 10**12:
+        raise SasError("expiry must be a whole number of seconds since the epoch")
     sr = url_encode(resource_uri)
     signature = base64.b64encode(signer.sign(string_to_sign(sr, expiry))).decode("ascii")
     token = f"SharedAccessSignature sr={sr}&sig={url_encode(signature)}&se={expiry}"

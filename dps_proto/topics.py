@@ -17,8 +17,9 @@ RESPONSE_SUBSCRIBE_TOPIC = "$dps/registrations/res/#"
 RESPONSE_PREFIX = "$dps/registrations/res/"
 REGISTER_PREFIX = "$dps/registrations/PUT/iotdps-register/?"
 POLL_PREFIX = "$dps/registrations/GET/iotdps-get-operationstatus/?"
-#: A retry-after longer than this many digits is treated as garbage rather than as a number.
+#: A retry-after longer than this many digits is read as this huge value (callers cap it).
 _MAX_RETRY_AFTER_DIGITS = 9
+_HUGE_RETRY_AFTER = 1_000_000_000
 
 
 def _encode(value: str) -> str:
@@ -66,8 +67,10 @@ def parse_retry_after(value: str | None) -> int | None:
     if value is None:
         return None
     text = value.strip()
-    if not text or not text.isascii() or not text.isdigit() or len(text) > _MAX_RETRY_AFTER_DIGITS:
+    if not text or not text.isascii() or not text.isdigit():
         return None
+    if len(text) > _MAX_RETRY_AFTER_DIGITS:
+        return _HUGE_RETRY_AFTER
     return int(text)
 
 
@@ -83,8 +86,8 @@ class ResponseTopic:
 
 def response_topic(status: int, rid: str, retry_after: int | None = None) -> str:
     """Topic the service answers on (used by the emulator and by tests)."""
-    if not isinstance(status, int) or status < 0:
-        raise DpsParseError("status must be a non-negative integer")
+    if isinstance(status, bool) or not isinstance(status, int) or not 0 <= status <= 99999:
+        raise DpsParseError("status must be an integer from 0 to 99999")
     props = {"$rid": rid}
     if retry_after is not None:
         props["retry-after"] = str(int(retry_after))
