@@ -30,7 +30,14 @@ from .payloads import (
     parse_register_payload,
     parse_response_payload,
 )
-from .registration import Assignment, OutgoingPublish, Phase, Registration, RetryPolicy
+from .registration import (
+    Assignment,
+    OutgoingPublish,
+    Phase,
+    Registration,
+    RetryPolicy,
+    TpmChallenge,
+)
 from .sas import (
     KeySigner,
     SasToken,
@@ -100,6 +107,7 @@ __all__ = [
     "SasToken",
     "Signer",
     "TpmAttestation",
+    "TpmChallenge",
     "Username",
     "build_register_payload",
     "derive_device_key",

@@ -9,6 +9,7 @@ It ends in an :class:`Assignment` or a typed :class:`~dps_proto.errors.DpsError`
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import random
 from collections import deque
@@ -42,10 +43,22 @@ _WINDOW_MARGIN = 0.01
 
 @dataclass(frozen=True)
 class OutgoingPublish:
-    """A message the transport must publish (QoS 1) for the state machine."""
+    """A request the transport must send: over MQTT, ``payload`` published (QoS 1) to ``topic``;
+    over HTTPS, a PUT register or a GET of ``operation_id`` (``kind`` says which)."""
 
     topic: str
     payload: bytes
+    kind: str = "register"
+    rid: str = ""
+    operation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TpmChallenge:
+    """DPS's answer to an unauthenticated TPM register: the activation blob to import."""
+
+    authentication_key: str
+    key_name: str | None
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ class Phase(enum.Enum):
     IDLE = "idle"
     REQUESTING = "requesting"  # a request is out, waiting for its answer
     WAITING = "waiting"  # waiting for a timer before the next request
+    CHALLENGED = "challenged"  # TPM: waiting for the caller to import the activation blob
     ASSIGNED = "assigned"
     FAILED = "failed"
 
@@ -130,6 +144,8 @@ class Registration:
         self._poll_times: deque[float] = deque(maxlen=max(1, self.policy.polls_per_window))
         self._assignment: Assignment | None = None
         self._error: DpsError | None = None
+        self._challenge: TpmChallenge | None = None
+        self._challenged = False
 
     # -- public view -------------------------------------------------------------------------
 
@@ -212,7 +228,7 @@ class Registration:
         self._send(self._next_kind, now)
 
     def receive(self, topic: str, payload: bytes, now: float) -> bool:
-        """Feed a message the transport received; True if it was the answer we waited for."""
+        """Feed an MQTT message the transport received; True if it was the awaited answer."""
         if not isinstance(topic, str) or not topic.startswith(RESPONSE_PREFIX):
             return False
         if self._phase is not Phase.REQUESTING:
@@ -223,18 +239,59 @@ class Registration:
         except DpsParseError as exc:
             self._fail(exc)
             return True
-        if parsed.rid != self._rid:
-            log.debug("ignoring DPS response for rid %r (waiting for %r)", parsed.rid, self._rid)
+        if parsed.rid is None:
+            log.debug("ignoring DPS response without $rid")
             return False
-        status = parsed.status
+        return self.receive_response(parsed.rid, parsed.status, parsed.retry_after, payload, now)
+
+    def receive_response(
+        self, rid: str, status: int, retry_after: int | None, payload: bytes, now: float
+    ) -> bool:
+        """Feed an answer in transport-neutral form (HTTPS gives status and Retry-After directly).
+
+        True if it answered the request in flight (``rid``); stale answers are ignored.
+        """
+        if self._phase is not Phase.REQUESTING or rid != self._rid:
+            log.debug("ignoring DPS response for rid %r (waiting for %r)", rid, self.in_flight_rid)
+            return False
         if status in (200, 202):
-            self._on_status(status, payload, parsed.retry_after, now)
+            self._on_status(status, payload, retry_after, now)
         elif status == 429 or status >= 500:
-            self._retry_later(
-                self._in_flight_kind, parsed.retry_after, now, str(status), status, payload
-            )
+            self._retry_later(self._in_flight_kind, retry_after, now, str(status), status, payload)
+        elif status == 401 and self._on_tpm_challenge(payload):
+            pass
         else:
             self._fail(_service_error(status, payload))
+        return True
+
+    @property
+    def challenge(self) -> TpmChallenge | None:
+        """The TPM challenge to import, while the phase is :attr:`Phase.CHALLENGED`."""
+        return self._challenge if self._phase is Phase.CHALLENGED else None
+
+    def challenge_answered(self, now: float) -> None:
+        """The activation blob is imported: register again, now with a TPM-signed SAS token."""
+        if self._phase is not Phase.CHALLENGED:
+            raise DpsStateError(f"challenge_answered() in phase {self._phase.value}")
+        self._challenged = True
+        self._send("register", now)
+
+    def _on_tpm_challenge(self, payload: bytes) -> bool:
+        """A 401 to an unauthenticated TPM register carries the challenge; take it once."""
+        if self.request.tpm is None or self._in_flight_kind != "register" or self._challenged:
+            return False
+        try:
+            body = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return False
+        key = body.get("authenticationKey") if isinstance(body, dict) else None
+        if not isinstance(key, str) or not key:
+            return False
+        key_name = body.get("keyName")
+        self._challenge = TpmChallenge(key, key_name if isinstance(key_name, str) else None)
+        self._phase = Phase.CHALLENGED
+        self._deadline = None
+        log.info("TPM challenge received for %r", self.request.registration_id)
         return True
 
     # -- internals ---------------------------------------------------------------------------
@@ -346,11 +403,20 @@ class Registration:
         self._rid = str(self._rid_counter)
         if kind == "poll" and self._operation_id is not None:
             self._poll_times.append(now)
-            message = OutgoingPublish(poll_topic(self._rid, self._operation_id), b"")
+            message = OutgoingPublish(
+                poll_topic(self._rid, self._operation_id),
+                b"",
+                kind="poll",
+                rid=self._rid,
+                operation_id=self._operation_id,
+            )
         else:
             kind = "register"
             message = OutgoingPublish(
-                register_topic(self._rid), build_register_payload(self.request)
+                register_topic(self._rid),
+                build_register_payload(self.request),
+                kind="register",
+                rid=self._rid,
             )
         self._outgoing.append(message)
         self._in_flight_kind = kind
