@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV = .venv
 SDK_VENV = .venv-azure-sdk
-EXTRAS ?= dev,emulator
+EXTRAS ?= dev,emulator,tpm
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 

@@ -92,6 +92,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         host=args.host,
         mqtt_port=args.port,
         api_port=args.api_port,
+        https_port=args.https_port,
         id_scope=args.id_scope,
         hubs=tuple(args.hub) if args.hub else ("localhost",),
         hostnames=tuple(args.hostname) if args.hostname else ("localhost",),
@@ -324,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_port,
         default=8480,
         help="service API port; 0 = any (default: %(default)s)",
+    )
+    emu.add_argument(
+        "--https-port",
+        type=_port,
+        default=8443,
+        help="DPS HTTPS runtime API port (TPM devices); 0 = any (default: %(default)s)",
     )
     emu.add_argument(
         "--id-scope", default="0ne00000000", help="DPS id scope (default: %(default)s)"

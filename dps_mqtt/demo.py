@@ -50,6 +50,8 @@ def start_emulator(state_dir: Path, timeout: float = 30.0) -> RunningEmulator:
         "0",
         "--api-port",
         "0",
+        "--https-port",
+        "0",
         "--id-scope",
         ID_SCOPE,
         "--log-level",

@@ -22,6 +22,7 @@ class EmulatorConfig:
     host: str = "127.0.0.1"
     mqtt_port: int = 8883
     api_port: int = 8480
+    https_port: int = 8443
     id_scope: str = "0ne00000000"
     hubs: tuple[str, ...] = ("localhost",)
     hostnames: tuple[str, ...] = ("localhost",)

@@ -6,7 +6,9 @@ the MQTT server moves the bytes. Time is an argument. Records go to the :class:`
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import logging
 import secrets
 import uuid
@@ -37,6 +39,7 @@ from .models import (
     IndividualEnrollment,
     RegistrationRecord,
     SymmetricKeyAttestation,
+    TpmAttestation,
     new_etag,
     utc_now_iso,
     validate_registration_id,
@@ -96,6 +99,19 @@ class Reply:
     payload: bytes
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A transport-neutral answer: status, JSON body and optional ``retry-after`` seconds."""
+
+    status: int
+    body: bytes
+    retry_after: int | None = None
+
+    def reply(self, rid: str) -> Reply:
+        """The same answer as an MQTT response message for request ``rid``."""
+        return Reply(response_topic(self.status, rid, self.retry_after), self.body)
+
+
 @dataclass
 class DpsConfig:
     """Behaviour knobs of the emulated DPS."""
@@ -129,6 +145,11 @@ class DpsService:
     config: DpsConfig = field(default_factory=DpsConfig)
     _operations: dict[str, _Operation] = field(default_factory=dict)
     _poll_times: dict[str, deque[float]] = field(default_factory=dict)
+    #: Keys issued through TPM challenges (registration id -> base64 key), and the SRKs used.
+    _tpm_keys: dict[str, str] = field(default_factory=dict)
+    _tpm_srks: dict[str, str] = field(default_factory=dict)
+    #: Keys delivered to TPM devices for their hub (registration id -> base64 key).
+    hub_keys: dict[str, str] = field(default_factory=dict)
 
     # -- CONNECT ----------------------------------------------------------------------------
 
@@ -157,21 +178,35 @@ class DpsService:
                 CONNACK_NOT_AUTHORIZED, "no SAS token (X.509 is not supported yet)"
             )
         try:
-            token = parse_sas_token(password.decode("utf-8"))
-        except (UnicodeDecodeError, SasError) as exc:
+            token_text = password.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConnectRefused(CONNACK_BAD_CREDENTIALS, "the SAS token is not UTF-8") from exc
+        return self.verify_token(
+            parsed.id_scope, parsed.registration_id, token_text, parsed.api_version, now
+        )
+
+    def verify_token(
+        self, id_scope: str, registration_id: str, token_text: str, api_version: str, now: float
+    ) -> DpsIdentity:
+        """Check a registration SAS token (MQTT password or HTTPS Authorization header)."""
+        if id_scope.lower() != self.config.id_scope.lower():
+            raise ConnectRefused(CONNACK_NOT_AUTHORIZED, f"unknown ID scope {id_scope!r}")
+        try:
+            token = parse_sas_token(token_text)
+        except SasError as exc:
             raise ConnectRefused(CONNACK_BAD_CREDENTIALS, f"malformed SAS token: {exc}") from exc
-        resource = dps_resource_uri(parsed.id_scope, parsed.registration_id)
+        resource = dps_resource_uri(id_scope, registration_id)
         reason = "no enrollment matches this registration id"
-        for group_id, key in self._candidate_keys(registration_id):
+        for group_id, key in self._candidate_keys(registration_id.lower()):
             try:
                 verify_sas_token(token, KeySigner.from_base64(key), resource, now)
             except SasError as exc:
                 reason = str(exc)
                 continue
             return DpsIdentity(
-                registration_id=parsed.registration_id,
-                id_scope=parsed.id_scope,
-                api_version=parsed.api_version,
+                registration_id=registration_id,
+                id_scope=id_scope,
+                api_version=api_version,
                 enrollment_group_id=group_id,
                 device_key=key,
             )
@@ -184,7 +219,8 @@ class DpsService:
             att = enrollment.attestation
             if isinstance(att, SymmetricKeyAttestation):
                 return [(None, att.primary_key), (None, att.secondary_key)]
-            return []
+            issued = self._tpm_keys.get(registration_id)
+            return [(None, issued)] if issued else []
         keys: list[tuple[str | None, str]] = []
         for group in self.store.list_groups():
             att = group.attestation
@@ -214,31 +250,34 @@ class DpsService:
             request = parse_request_topic(topic)
         except DpsParseError as exc:
             raise ProtocolViolation(str(exc)) from exc
-        self._expire_operations(now)
         if request.kind == "register":
-            return [self._register(identity, request.rid, payload, now)]
-        assert request.operation_id is not None
-        return [self._poll(identity, request.rid, request.operation_id, now)]
+            answer = self.register(identity, payload, now, transport="mqtt")
+        else:
+            assert request.operation_id is not None
+            answer = self.poll(identity, request.operation_id, now)
+        return [answer.reply(request.rid)]
 
     # -- register ---------------------------------------------------------------------------
 
-    def _register(self, identity: DpsIdentity, rid: str, payload: bytes, now: float) -> Reply:
+    def register(
+        self, identity: DpsIdentity, payload: bytes, now: float, *, transport: str = "mqtt"
+    ) -> Answer:
+        """Answer an authenticated register request."""
+        self._expire_operations(now)
         try:
             body = parse_register_payload(payload)
         except DpsParseError as exc:
-            return _error(400, rid, ERROR_INVALID_REQUEST, f"invalid register request: {exc}", now)
+            return _error(400, ERROR_INVALID_REQUEST, f"invalid register request: {exc}", now)
         if body.registration_id.lower() != identity.registration_id.lower():
             return _error(
                 400,
-                rid,
                 ERROR_INVALID_REQUEST,
-                "registrationId in the request differs from the connection's",
+                "registrationId in the request differs from the credentials'",
                 now,
             )
-        if body.tpm is not None:
+        if body.tpm is not None and transport == "mqtt":
             return _error(
                 400,
-                rid,
                 ERROR_TPM_OVER_MQTT,
                 "TPM attestation is not supported over MQTT; use HTTPS or AMQP",
                 now,
@@ -249,12 +288,12 @@ class DpsService:
         else:
             enrollment = self.store.get_group(identity.enrollment_group_id)
         if enrollment is None:
-            return _error(401, rid, ERROR_UNAUTHORIZED, "the enrollment no longer exists", now)
+            return _error(401, ERROR_UNAUTHORIZED, "the enrollment no longer exists", now)
         if enrollment.provisioning_status == "disabled":
             self._record(identity, "disabled", None, None, None, None, now)
             log.info("registration %s: enrollment disabled", identity.registration_id)
             status = OperationStatus(operation_id=None, status="disabled")
-            return Reply(response_topic(200, rid), encode_json(status))
+            return Answer(200, encode_json(status))
         result = self._assign(identity, enrollment, now)
         operation_id = _new_operation_id()
         self._operations[operation_id] = _Operation(
@@ -262,7 +301,54 @@ class DpsService:
         )
         state = RegistrationState(registration_id=identity.registration_id, status="assigning")
         pending = OperationStatus(operation_id, "assigning", state)
-        return Reply(response_topic(202, rid, self.config.retry_after), encode_json(pending))
+        return Answer(202, encode_json(pending), self.config.retry_after)
+
+    def register_tpm_challenge(
+        self, id_scope: str, registration_id: str, payload: bytes, now: float
+    ) -> Answer:
+        """Answer an unauthenticated TPM register with 401 and an activation blob (HTTPS only).
+
+        The device opens the blob in its TPM and registers again with a SAS token signed by the
+        key inside; the service keeps that key to verify it.
+        """
+        if id_scope.lower() != self.config.id_scope.lower():
+            return _error(401, ERROR_UNAUTHORIZED, f"unknown ID scope {id_scope!r}", now)
+        try:
+            body = parse_register_payload(payload)
+        except DpsParseError as exc:
+            return _error(400, ERROR_INVALID_REQUEST, f"invalid register request: {exc}", now)
+        if body.registration_id.lower() != registration_id.lower():
+            return _error(400, ERROR_INVALID_REQUEST, "registrationId differs from the URL's", now)
+        if body.tpm is None:
+            return _error(401, ERROR_UNAUTHORIZED, "no Authorization header", now)
+        enrollment = self.store.get_enrollment(registration_id)
+        att = enrollment.attestation if enrollment is not None else None
+        if not isinstance(att, TpmAttestation) or not _same_key(
+            att.endorsement_key, body.tpm.endorsement_key
+        ):
+            return _error(401, ERROR_UNAUTHORIZED, "no TPM enrollment matches this EK", now)
+        srk = body.tpm.storage_root_key or att.storage_root_key
+        if srk is None:
+            return _error(400, ERROR_INVALID_REQUEST, "the request has no storageRootKey", now)
+        from tpm.challenge import create_challenge
+        from tpm.errors import TpmBlobError
+
+        try:
+            challenge = create_challenge(
+                base64.b64decode(att.endorsement_key), base64.b64decode(srk)
+            )
+        except (TpmBlobError, ValueError) as exc:
+            return _error(400, ERROR_INVALID_REQUEST, f"unusable TPM keys: {exc}", now)
+        self._tpm_keys[registration_id.lower()] = base64.b64encode(challenge.key).decode()
+        self._tpm_srks[registration_id.lower()] = srk
+        log.info("registration %s: TPM challenge issued", registration_id)
+        blob = base64.b64encode(challenge.blob).decode("ascii")
+        return Answer(
+            401,
+            json.dumps(
+                {"authenticationKey": blob, "keyName": "registration"}, separators=(",", ":")
+            ).encode(),
+        )
 
     def _assign(
         self,
@@ -296,6 +382,7 @@ class DpsService:
         moved = previous is not None and previous.assigned_hub not in (None, hub)
         substatus = "deviceDataMigrated" if moved else "initialAssignment"
         record = self._record(identity, "assigned", hub, device_id, substatus, None, now)
+        tpm_blob = self._tpm_hub_key(identity, enrollment)
         log.info("registration %s assigned to %s as %s", identity.registration_id, hub, device_id)
         state = RegistrationState(
             registration_id=identity.registration_id,
@@ -307,8 +394,23 @@ class DpsService:
             last_updated=record.last_updated,
             etag=record.etag,
             symmetric_key_group=identity.enrollment_group_id,
+            tpm_authentication_key=tpm_blob,
         )
         return OperationStatus(None, "assigned", state)
+
+    def _tpm_hub_key(
+        self, identity: DpsIdentity, enrollment: IndividualEnrollment | EnrollmentGroup
+    ) -> str | None:
+        """For TPM devices, a second activation blob carrying the key for the hub."""
+        att = enrollment.attestation
+        srk = self._tpm_srks.get(identity.registration_id.lower())
+        if not isinstance(att, TpmAttestation) or srk is None:
+            return None
+        from tpm.challenge import create_challenge
+
+        challenge = create_challenge(base64.b64decode(att.endorsement_key), base64.b64decode(srk))
+        self.hub_keys[identity.registration_id.lower()] = base64.b64encode(challenge.key).decode()
+        return base64.b64encode(challenge.blob).decode("ascii")
 
     def _choose_hub(
         self, registration_id: str, enrollment: IndividualEnrollment | EnrollmentGroup
@@ -355,7 +457,9 @@ class DpsService:
 
     # -- poll -------------------------------------------------------------------------------
 
-    def _poll(self, identity: DpsIdentity, rid: str, operation_id: str, now: float) -> Reply:
+    def poll(self, identity: DpsIdentity, operation_id: str, now: float) -> Answer:
+        """Answer an operation status request."""
+        self._expire_operations(now)
         key = identity.registration_id.lower()
         times = self._poll_times.setdefault(key, deque())
         while times and times[0] <= now - self.config.poll_window:
@@ -364,7 +468,6 @@ class DpsService:
             wait = max(1, int(times[0] + self.config.poll_window - now + 0.999))
             return _error(
                 429,
-                rid,
                 ERROR_THROTTLED,
                 "too many operation status requests",
                 now,
@@ -373,16 +476,16 @@ class DpsService:
         times.append(now)
         operation = self._operations.get(operation_id)
         if operation is None or operation.registration_id != key:
-            return _error(404, rid, ERROR_OPERATION_NOT_FOUND, "operation not found", now)
+            return _error(404, ERROR_OPERATION_NOT_FOUND, "operation not found", now)
         if operation.polls_left > 0:
             operation.polls_left -= 1
             state = RegistrationState(registration_id=identity.registration_id, status="assigning")
             pending = OperationStatus(operation_id, "assigning", state)
-            return Reply(response_topic(202, rid, self.config.retry_after), encode_json(pending))
+            return Answer(202, encode_json(pending), self.config.retry_after)
         final = OperationStatus(
             operation_id, operation.status.status, operation.status.registration_state
         )
-        return Reply(response_topic(200, rid), encode_json(final))
+        return Answer(200, encode_json(final))
 
     def _expire_operations(self, now: float) -> None:
         limit = now - self.config.operation_ttl
@@ -401,11 +504,18 @@ def _new_operation_id() -> str:
 
 def _error(
     status: int,
-    rid: str,
     error_code: int,
     message: str,
     now: float,
     retry_after: int | None = None,
-) -> Reply:
+) -> Answer:
     body = ErrorBody(error_code, message, str(uuid.uuid4()), utc_now_iso(now))
-    return Reply(response_topic(status, rid, retry_after), encode_json(body))
+    return Answer(status, encode_json(body), retry_after)
+
+
+def _same_key(a_b64: str, b_b64: str) -> bool:
+    """Whether two base64 texts carry the same bytes (padding and line breaks aside)."""
+    try:
+        return base64.b64decode(a_b64) == base64.b64decode(b_b64)
+    except (ValueError, TypeError):
+        return False

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Union
 
 from .errors import ValidationError
 
@@ -31,6 +31,7 @@ __all__ = [
     "IndividualEnrollment",
     "RegistrationRecord",
     "SymmetricKeyAttestation",
+    "TpmAttestation",
     "new_etag",
     "utc_now_iso",
     "validate_base64_key",
@@ -51,7 +52,7 @@ REGISTRATION_SUBSTATUSES = (
     "reprovisionedToInitialAssignment",
 )
 #: Attestation types Azure knows but the emulator does not implement yet.
-UNSUPPORTED_ATTESTATION_TYPES = ("tpm", "x509", "none")
+UNSUPPORTED_ATTESTATION_TYPES = ("x509", "none")
 
 MAX_ID_LENGTH = 128
 MIN_KEY_BYTES = 16
@@ -385,8 +386,25 @@ class SymmetricKeyAttestation:
         }
 
 
-#: Every attestation the emulator implements; becomes a Union when TPM and X.509 arrive.
-Attestation = SymmetricKeyAttestation
+@dataclass
+class TpmAttestation:
+    """TPM attestation: the device's EK (and optionally SRK), base64 of marshalled TPM2B_PUBLIC."""
+
+    TYPE: ClassVar[str] = "tpm"
+
+    endorsement_key: str
+    storage_root_key: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Azure's ``AttestationMechanism`` object for this attestation."""
+        body: dict[str, Any] = {"endorsementKey": self.endorsement_key}
+        if self.storage_root_key is not None:
+            body["storageRootKey"] = self.storage_root_key
+        return {"type": self.TYPE, "tpm": body}
+
+
+#: Every attestation the emulator implements; grows into a wider Union when X.509 arrives.
+Attestation = Union[SymmetricKeyAttestation, TpmAttestation]
 
 _AttestationParser = Callable[[Mapping[str, Any], str, Callable[[], str]], Attestation]
 
@@ -406,9 +424,43 @@ def _parse_symmetric_key(
     return SymmetricKeyAttestation(primary_key=keys[0], secondary_key=keys[1])
 
 
-#: Attestation type name -> parser of its body; add ``tpm`` and ``x509`` here.
+def _validate_tpm_public(value: object, field: str) -> str:
+    """A base64 TPM2B_PUBLIC of an RSA key, as Azure stores EKs and SRKs."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(f"{field} must be a base64 string")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValidationError(f"{field} is not valid base64") from exc
+    from tpm.errors import TpmBlobError
+    from tpm.marshal import rsa_public_key
+
+    try:
+        rsa_public_key(raw)
+    except TpmBlobError as exc:
+        raise ValidationError(f"{field} is not a marshalled TPM2B_PUBLIC RSA key: {exc}") from exc
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _parse_tpm(
+    body: Mapping[str, Any], field: str, generate_key: Callable[[], str]
+) -> TpmAttestation:
+    """Parse ``tpm``: the endorsement key is required, the storage root key optional."""
+    del generate_key
+    ek = _validate_tpm_public(body.get("endorsementKey"), f"{field}.endorsementKey")
+    srk_value = body.get("storageRootKey")
+    srk = (
+        None
+        if srk_value in (None, "")
+        else _validate_tpm_public(srk_value, f"{field}.storageRootKey")
+    )
+    return TpmAttestation(endorsement_key=ek, storage_root_key=srk)
+
+
+#: Attestation type name -> parser of its body; add ``x509`` here.
 _ATTESTATION_PARSERS: dict[str, _AttestationParser] = {
     SymmetricKeyAttestation.TYPE: _parse_symmetric_key,
+    TpmAttestation.TYPE: _parse_tpm,
 }
 _ATTESTATION_BODIES = ("symmetricKey", "tpm", "x509")
 

@@ -19,8 +19,10 @@ from typing import Any, Callable
 
 from .certs import CertPaths, ensure_certificates, server_ssl_context
 from .config import EmulatorConfig
+from .dps_https import DpsHttpsServer
 from .dps_service import (
     CONNACK_NOT_AUTHORIZED,
+    Answer,
     ConnectRefused,
     DpsConfig,
     DpsIdentity,
@@ -118,6 +120,7 @@ class Emulator:
             self.store, self.info, host=config.host, port=config.api_port, clock=clock
         )
         self.mqtt_port = config.mqtt_port
+        self.https: DpsHttpsServer | None = None
 
     def _authenticate(self, connect: Connect, conn: MqttConnection, now: float) -> DpsSession:
         username = connect.username or ""
@@ -157,6 +160,10 @@ class Emulator:
                 "port": self.mqtt_port,
                 "bind": self.config.host,
             },
+            "dpsHttps": {
+                "host": self.config.hostnames[0],
+                "port": self.https.port if self.https else self.config.https_port,
+            },
             "hubs": self.store.list_hubs(),
             "serviceApi": self.api_url,
             "caCertificate": str(self.ca_file),
@@ -164,8 +171,25 @@ class Emulator:
         }
 
     async def start(self) -> None:
-        """Start listening (MQTT and service API)."""
+        """Start listening (MQTT, DPS over HTTPS, service API)."""
+        loop = asyncio.get_running_loop()
+
+        def run_on_loop(func: Callable[[], Answer]) -> Answer:
+            async def call() -> Answer:
+                return func()
+
+            return asyncio.run_coroutine_threadsafe(call(), loop).result(30.0)
+
         self.mqtt_port = await self._mqtt.start(self.config.host, self.config.mqtt_port)
+        self.https = DpsHttpsServer(
+            self.dps,
+            server_ssl_context(self.certs),
+            run_on_loop,
+            self._clock,
+            host=self.config.host,
+            port=self.config.https_port,
+        )
+        self.https.start()
         self.api.start()
         log.info(
             "emulator listening: MQTT %s:%d, API %s", self.config.host, self.mqtt_port, self.api_url
@@ -174,6 +198,8 @@ class Emulator:
     async def stop(self) -> None:
         """Stop serving, close every connection and the store."""
         await self._mqtt.stop()
+        if self.https is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.https.stop)
         self.api.stop()
         self.store.close()
         if self._temp_dir is not None:
@@ -285,6 +311,10 @@ def run_foreground(config: EmulatorConfig) -> int:
         print(
             f"  DPS (MQTT over TLS): {info['dps']['host']}:{emulator.mqtt_port}"
             f"  id scope {config.id_scope}",
+            flush=True,
+        )
+        print(
+            f"  DPS (HTTPS):         {info['dpsHttps']['host']}:{info['dpsHttps']['port']}",
             flush=True,
         )
         print(f"  linked IoT hubs:     {', '.join(info['hubs']) or '(none)'}", flush=True)

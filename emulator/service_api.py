@@ -687,9 +687,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if not text.isdigit() or not text.isascii():
             raise ApiError(400, ERROR_INVALID_ARGUMENT, "Content-Length is not a number")
         if len(text) > 12 or int(text) > MAX_BODY_BYTES:
-            raise ApiError(
-                413, ERROR_TOO_LARGE, f"the body is larger than {MAX_BODY_BYTES} bytes"
-            )
+            raise ApiError(413, ERROR_TOO_LARGE, f"the body is larger than {MAX_BODY_BYTES} bytes")
         length = int(text)
         if length == 0:
             return b""

@@ -24,6 +24,7 @@ def start_emulator(
         host="127.0.0.1",
         mqtt_port=mqtt_port,
         api_port=0,
+        https_port=0,
         id_scope=ID_SCOPE,
         hubs=("localhost",),
         hostnames=("localhost",),

@@ -401,10 +401,17 @@ def test_bad_generated_key_is_a_validation_error() -> None:
 # ---------------------------------------------------------------------------- attestation
 
 
-@pytest.mark.parametrize("kind", ["x509", "tpm", "none"])
+@pytest.mark.parametrize("kind", ["x509", "none"])
 def test_unsupported_attestation_types(kind: str) -> None:
     with pytest.raises(ValidationError, match=f"attestation type '{kind}' is not supported yet"):
         parse(enrollment_json(attestation={"type": kind, kind: {}}))
+
+
+def test_tpm_attestation_needs_a_marshalled_rsa_public_key() -> None:
+    with pytest.raises(ValidationError, match=r"attestation\.tpm\.endorsementKey must be"):
+        parse(enrollment_json(attestation={"type": "tpm", "tpm": {}}))
+    with pytest.raises(ValidationError, match="not a marshalled TPM2B_PUBLIC"):
+        parse(enrollment_json(attestation={"type": "tpm", "tpm": {"endorsementKey": "AAAA"}}))
 
 
 def test_unknown_attestation_type_and_shape_errors() -> None:
