@@ -1,13 +1,16 @@
 """DPS device protocol: the sans-IO core (topics, payloads, SAS tokens, the registration state
-machine) and, imported on demand, the MQTT transport (:func:`provision`, :func:`provision_async`).
+machine) and, imported on demand, the MQTT transport (:func:`provision`, :func:`provision_async`)
+and the HTTPS transport (:func:`provision_https`, :func:`provision_https_async`; needed for TPM).
 
 Importing this package loads only the standard library.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
+from .attestation import TpmProvider
 from .errors import (
     DpsConnectionError,
     DpsError,
@@ -65,18 +68,25 @@ from .topics import (
 )
 
 if TYPE_CHECKING:
+    from .https_transport import provision_https as provision_https
+    from .https_transport import provision_https_async as provision_https_async
     from .mqtt_transport import provision as provision
     from .mqtt_transport import provision_async as provision_async
 
-_LAZY = {"provision", "provision_async"}
+#: Transport functions and the module each lives in, imported on first access.
+_LAZY = {
+    "provision": "mqtt_transport",
+    "provision_async": "mqtt_transport",
+    "provision_https": "https_transport",
+    "provision_https_async": "https_transport",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """Load the paho-mqtt transport only when it is asked for."""
-    if name in _LAZY:
-        from . import mqtt_transport
-
-        return getattr(mqtt_transport, name)
+    """Load a transport (paho-mqtt, or http.client and ssl) only when it is asked for."""
+    module = _LAZY.get(name)
+    if module is not None:
+        return getattr(importlib.import_module(f".{module}", __name__), name)
     raise AttributeError(f"module 'dps_proto' has no attribute {name!r}")
 
 
@@ -108,6 +118,7 @@ __all__ = [
     "Signer",
     "TpmAttestation",
     "TpmChallenge",
+    "TpmProvider",
     "Username",
     "build_register_payload",
     "derive_device_key",

@@ -206,7 +206,7 @@ class Registration:
 
     def retry_now(self, now: float) -> None:
         """Resend the outstanding request at once, e.g. after the transport reconnected."""
-        if self.done or self._phase is Phase.IDLE:
+        if self.done or self._phase in (Phase.IDLE, Phase.CHALLENGED):
             raise DpsStateError(f"retry_now() in phase {self._phase.value}")
         kind = self._in_flight_kind if self._phase is Phase.REQUESTING else self._next_kind
         self._send(kind, now)
