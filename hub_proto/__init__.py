@@ -2,12 +2,13 @@
 documents, the :class:`HubSession` state machine) for device transports and the emulator's hub.
 
 Importing this package loads only the standard library (and :mod:`dps_proto`'s SAS helpers,
-which are standard library only too). Transports will be loaded on demand via ``__getattr__``.
+which are standard library only too). The paho-mqtt transport (:class:`HubClient`,
+:class:`AsyncHubClient`) and the telemetry spool (:class:`Spool`) are loaded on first use.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dps_proto.sas import (
     KeySigner,
@@ -106,8 +107,19 @@ from .twin import (
 )
 from .twin_sync import TwinSync
 
-#: Names served by modules loaded on first use (the paho-mqtt transport, once it exists).
-_LAZY: dict[str, str] = {}
+if TYPE_CHECKING:
+    from .mqtt_transport import AsyncHubClient as AsyncHubClient
+    from .mqtt_transport import HubClient as HubClient
+    from .spool import Spool as Spool
+    from .spool import SpoolError as SpoolError
+
+#: Names served by modules loaded on first use (paho-mqtt only when a client is asked for).
+_LAZY: dict[str, str] = {
+    "AsyncHubClient": ".mqtt_transport",
+    "HubClient": ".mqtt_transport",
+    "Spool": ".spool",
+    "SpoolError": ".spool",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -129,6 +141,7 @@ __all__ = [
     "RESERVED_KEYS",
     "SYSTEM_PROPERTIES",
     "TWIN_RESPONSE_SUBSCRIBE_TOPIC",
+    "AsyncHubClient",
     "Backoff",
     "BackoffPolicy",
     "C2DMessage",
@@ -138,6 +151,7 @@ __all__ = [
     "DesiredPatchTopic",
     "Event",
     "HubAuthError",
+    "HubClient",
     "HubError",
     "HubParseError",
     "HubRequestError",
@@ -167,6 +181,8 @@ __all__ = [
     "SasToken",
     "SessionFailed",
     "Signer",
+    "Spool",
+    "SpoolError",
     "TelemetryQueue",
     "TelemetryTopic",
     "TicketState",

@@ -9,28 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
-import ipaddress
 import logging
-import os
-import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 import dps_proto
@@ -55,203 +45,28 @@ from dps_proto import (
     username,
     verify_sas_token,
 )
+from tests.support.mosquitto import Mosquitto as Broker
+from tests.support.mosquitto import Pki, make_pki
+from tests.support.mosquitto import free_port as _free_port
 
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-)
 ID_SCOPE = "0ne00TEST01"
 DEVICE_KEY = base64.b64encode(b"device-key-0123456789abcdef-32by").decode()
 GROUP_KEY = base64.b64encode(b"group-key-0123456789abcdef-32byt").decode()
 HUB = "hub-1.localhost"
 
 
-# -- TLS material -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca_file: str
-    wrong_ca_file: str
-    server_cert: str
-    server_key: str
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _server_cert(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _write_cert(path: Path, cert: x509.Certificate) -> str:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(path)
+# -- TLS material and mosquitto (tests/support/mosquitto.py) ---------------------------------
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    ca_key, ca_cert = _ca("dps-mqtt test CA")
-    _, wrong_ca = _ca("some other CA")
-    server_key, server_cert = _server_cert(ca_key, ca_cert)
-    key_path = directory / "server.key"
-    key_path.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return Pki(
-        ca_file=_write_cert(directory / "ca.pem", ca_cert),
-        wrong_ca_file=_write_cert(directory / "wrong-ca.pem", wrong_ca),
-        server_cert=_write_cert(directory / "server.pem", server_cert),
-        server_key=str(key_path),
-    )
-
-
-# -- mosquitto --------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass(frozen=True)
-class Broker:
-    tls_port: int
-    plain_port: int
-    log_file: Path
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes], log_file: Path) -> None:
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            text = log_file.read_text() if log_file.exists() else ""
-            pytest.fail(f"mosquitto exited with {process.returncode}:\n{text}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail("mosquitto did not start listening within 10 s")
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
 def broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    if MOSQUITTO is None:
-        pytest.skip("mosquitto is not installed")
-    directory = tmp_path_factory.mktemp("mosquitto")
-    tls_port, plain_port = _free_port(), _free_port()
-    log_file = directory / "mosquitto.log"
-    lines = [
-        f"pid_file {directory / 'mosquitto.pid'}",
-        f"log_dest file {log_file}",
-        "log_type all",
-        "persistence false",
-        "set_tcp_nodelay true",
-        "allow_anonymous true",
-        f"listener {tls_port} 127.0.0.1",
-        f"cafile {pki.ca_file}",
-        f"certfile {pki.server_cert}",
-        f"keyfile {pki.server_key}",
-        f"listener {plain_port} 127.0.0.1",
-    ]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        lines.insert(0, "user root")  # otherwise mosquitto drops to 'mosquitto', who can't read tmp
-    config = directory / "mosquitto.conf"
-    config.write_text("\n".join(lines) + "\n")
-    process = subprocess.Popen(
-        [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        _wait_listening(tls_port, process, log_file)
-        _wait_listening(plain_port, process, log_file)
-        yield Broker(tls_port, plain_port, log_file)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+    with Broker(pki, tmp_path_factory.mktemp("mosquitto")) as running:
+        yield running
 
 
 # -- fake DPS ---------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Helpers shared by test packages: a TLS mosquitto broker and scripted MQTT servers."""

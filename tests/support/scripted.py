@@ -1,0 +1,123 @@
+"""A scripted TLS MQTT server for cases a real broker will not play: CONNACK refusals.
+
+:class:`RefusingServer` accepts any number of TLS connections and answers every CONNECT with one
+fixed CONNACK return code, counting the attempts (and keeping their user names and passwords, so
+a test can check what a client sent without a broker that validates SAS tokens).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+
+from .mosquitto import Pki
+
+
+def read_packet(conn: ssl.SSLSocket) -> tuple[int, bytes]:
+    """One MQTT packet: (first byte, body)."""
+    header = conn.recv(1)
+    if not header:
+        raise ConnectionError("closed")
+    length, shift = 0, 0
+    for _ in range(4):
+        byte = conn.recv(1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    body = b""
+    while len(body) < length:
+        chunk = conn.recv(length - len(body))
+        if not chunk:
+            raise ConnectionError("closed")
+        body += chunk
+    return header[0], body
+
+
+def packet(first: int, body: bytes) -> bytes:
+    """An MQTT packet with the remaining-length header."""
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes([first]) + bytes(encoded) + body
+
+
+def _string(body: bytes, offset: int) -> tuple[str, int]:
+    size = int.from_bytes(body[offset : offset + 2], "big")
+    return body[offset + 2 : offset + 2 + size].decode("utf-8"), offset + 2 + size
+
+
+def parse_connect(body: bytes) -> tuple[str, str | None, str | None]:
+    """Client id, user name and password of an MQTT 3.1.1 CONNECT body."""
+    _, offset = _string(body, 0)  # protocol name
+    flags = body[offset + 1]
+    offset += 4  # level, flags, keep-alive
+    client_id, offset = _string(body, offset)
+    if flags & 0x04:  # will topic and message
+        _, offset = _string(body, offset)
+        _, offset = _string(body, offset)
+    user = password = None
+    if flags & 0x80:
+        user, offset = _string(body, offset)
+    if flags & 0x40:
+        password, offset = _string(body, offset)
+    return client_id, user, password
+
+
+class RefusingServer:
+    """Answers every CONNECT with CONNACK ``return_code`` (on 127.0.0.1, a free port)."""
+
+    def __init__(self, pki: Pki, return_code: int) -> None:
+        self.return_code = return_code
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pki.server_cert, pki.server_key)
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(0.2)
+        self.port: int = self.listener.getsockname()[1]
+        self.connects: list[tuple[str, str | None, str | None]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def attempts(self) -> int:
+        """CONNECT packets received so far."""
+        with self._lock:
+            return len(self.connects)
+
+    def __enter__(self) -> RefusingServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(10)
+        self.listener.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            raw.settimeout(5)
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as conn:
+                    first, body = read_packet(conn)
+                    if first != 0x10:  # CONNECT
+                        continue
+                    with self._lock:
+                        self.connects.append(parse_connect(body))
+                    conn.sendall(packet(0x20, bytes([0, self.return_code])))
+                    conn.recv(1)  # until the client closes
+            except (OSError, IndexError, ValueError):
+                pass
+            finally:
+                raw.close()
