@@ -1,7 +1,9 @@
 """The ``dps-mqtt`` command line (argparse).
 
-Sub-commands: ``emulator`` (run the local DPS), ``enrollment`` / ``group`` / ``registration``
-(manage it through its service API, printing JSON), ``provision`` (register a device with any DPS).
+Sub-commands: ``emulator`` (run the local DPS + IoT Hub), ``enrollment`` / ``group`` /
+``registration`` (manage DPS through its service API, printing JSON), ``device`` / ``twin`` /
+``method`` / ``c2d`` / ``telemetry`` (the hub's devices), ``provision`` (register a device with any
+DPS).
 Heavy modules (paho, cryptography, the emulator) are imported inside the sub-command that needs
 them, so ``dps-mqtt --help`` stays fast. Expected failures print one line on stderr and exit 1;
 usage errors exit 2.
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,6 +72,30 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _property(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
@@ -97,6 +124,8 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         hubs=tuple(args.hub) if args.hub else ("localhost",),
         hostnames=tuple(args.hostname) if args.hostname else ("localhost",),
         log_level="DEBUG" if args.verbose else args.log_level,
+        route_to=args.route_to,
+        telemetry_keep=args.telemetry_keep,
     )
     try:
         return run_foreground(config)
@@ -211,6 +240,62 @@ def _cmd_registration_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- hub
+
+#: Seconds between two polls of ``telemetry tail --follow``.
+FOLLOW_INTERVAL = 0.5
+
+
+def _cmd_device_list(args: argparse.Namespace) -> int:
+    _print_json(_client(args).list_devices())
+    return 0
+
+
+def _cmd_device_show(args: argparse.Namespace) -> int:
+    _print_json(_client(args).get_device(args.id))
+    return 0
+
+
+def _cmd_twin_show(args: argparse.Namespace) -> int:
+    _print_json(_client(args).get_twin(args.id))
+    return 0
+
+
+def _cmd_twin_update(args: argparse.Namespace) -> int:
+    if args.desired is None and args.tags is None:
+        raise CommandError("give --desired and/or --tags")
+    _print_json(_client(args).update_twin(args.id, desired=args.desired, tags=args.tags))
+    return 0
+
+
+def _cmd_method_invoke(args: argparse.Namespace) -> int:
+    result = _client(args).invoke_method(args.id, args.name, args.payload, timeout=args.timeout)
+    _print_json(result)
+    return 0
+
+
+def _cmd_c2d_send(args: argparse.Namespace) -> int:
+    properties = dict(args.property or [])
+    _client(args).send_c2d(args.id, args.text, properties=properties or None)
+    _print_json({"deviceId": args.id, "queued": True})
+    return 0
+
+
+def _cmd_telemetry_tail(args: argparse.Namespace) -> int:
+    """Print stored messages as JSON lines; with --follow, poll until Ctrl-C."""
+    client = _client(args)
+    since = args.since
+    while True:
+        for message in client.telemetry(args.id, since):
+            print(json.dumps(message), flush=True)
+            seq = message.get("seq")
+            if isinstance(seq, int) and seq > since:
+                since = seq
+        if not args.follow:
+            return 0
+        time.sleep(FOLLOW_INTERVAL)
+
+
 # ---------------------------------------------------------------------------- provision
 
 
@@ -296,6 +381,71 @@ def _add_crud(
         p.set_defaults(func=func)
 
 
+def _add_hub_commands(commands: Any, api: argparse.ArgumentParser) -> None:
+    device = commands.add_parser("device", help="read the hub's device identities")
+    device_sub = device.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = device_sub.add_parser("list", parents=[api], help="list every device")
+    p.set_defaults(func=_cmd_device_list)
+    p = device_sub.add_parser("show", parents=[api], help="show one device")
+    p.add_argument("id", metavar="ID", help="device id")
+    p.set_defaults(func=_cmd_device_show)
+
+    twin = commands.add_parser("twin", help="read and update device twins")
+    twin_sub = twin.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = twin_sub.add_parser("show", parents=[api], help="show a device's twin")
+    p.add_argument("id", metavar="ID", help="device id")
+    p.set_defaults(func=_cmd_twin_show)
+    p = twin_sub.add_parser(
+        "update", parents=[api], help="merge desired properties and/or tags into a twin"
+    )
+    p.add_argument("id", metavar="ID", help="device id")
+    p.add_argument("--desired", metavar="JSON", type=_json_object, help="desired-properties patch")
+    p.add_argument("--tags", metavar="JSON", type=_json_object, help="tags patch")
+    p.set_defaults(func=_cmd_twin_update)
+
+    method = commands.add_parser("method", help="call direct methods")
+    method_sub = method.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = method_sub.add_parser("invoke", parents=[api], help="call a method on a device")
+    p.add_argument("id", metavar="ID", help="device id")
+    p.add_argument("name", metavar="NAME", help="method name")
+    p.add_argument("--payload", metavar="JSON", type=_json_value, help="request payload")
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_positive_float,
+        help="seconds to wait for the device's answer (hub default: 30)",
+    )
+    p.set_defaults(func=_cmd_method_invoke)
+
+    c2d = commands.add_parser("c2d", help="send cloud-to-device messages")
+    c2d_sub = c2d.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = c2d_sub.add_parser("send", parents=[api], help="queue a message for a device")
+    p.add_argument("id", metavar="ID", help="device id")
+    p.add_argument("text", metavar="TEXT", help="message body (sent as UTF-8)")
+    p.add_argument(
+        "--property",
+        metavar="K=V",
+        type=_property,
+        action="append",
+        help="application property; repeatable",
+    )
+    p.set_defaults(func=_cmd_c2d_send)
+
+    telemetry = commands.add_parser("telemetry", help="read stored device telemetry")
+    telemetry_sub = telemetry.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = telemetry_sub.add_parser(
+        "tail", parents=[api], help="print a device's stored messages as JSON lines"
+    )
+    p.add_argument("id", metavar="ID", help="device id")
+    p.add_argument(
+        "--since", metavar="SEQ", type=_non_negative_int, default=0, help="start after SEQ"
+    )
+    p.add_argument(
+        "--follow", action="store_true", help="keep polling for new messages until Ctrl-C"
+    )
+    p.set_defaults(func=_cmd_telemetry_tail)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The complete ``dps-mqtt`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -306,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     api = _api_parent()
 
-    emu = commands.add_parser("emulator", help="run the local DPS emulator in the foreground")
+    emu = commands.add_parser(
+        "emulator", help="run the local DPS + IoT Hub emulator in the foreground"
+    )
     emu.add_argument(
         "--state-dir",
         metavar="DIR",
@@ -353,6 +505,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
         help="logging level (default: %(default)s)",
+    )
+    emu.add_argument(
+        "--route-to",
+        metavar="URL",
+        help="republish telemetry to this MQTT broker, e.g. mqtt://127.0.0.1:1883",
+    )
+    emu.add_argument(
+        "--telemetry-keep",
+        metavar="N",
+        type=_positive_int,
+        default=1000,
+        help="telemetry messages kept per device (default: %(default)s)",
     )
     emu.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     emu.set_defaults(func=_cmd_emulator)
@@ -405,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = registration_sub.add_parser("delete", parents=[api], help="forget one registration")
     p.add_argument("id", metavar="ID", help="registration id")
     p.set_defaults(func=_cmd_registration_delete)
+
+    _add_hub_commands(commands, api)
 
     prov = commands.add_parser("provision", help="register a device with DPS over MQTT")
     prov.add_argument(
@@ -459,7 +625,7 @@ def _expected_failure(exc: Exception) -> str | None:
     from dps_proto.errors import DpsError
     from emulator.errors import EmulatorError
 
-    if isinstance(exc, (DpsError, EmulatorError)):
+    if isinstance(exc, (DpsError, EmulatorError, CommandError)):
         return str(exc)
     if isinstance(exc, OSError):
         return str(exc) or type(exc).__name__

@@ -16,6 +16,9 @@ class EmulatorConfig:
     survives the run, which is what tests want. Every listener binds to ``host`` (loopback by
     default); ``hubs`` are the linked hub host names DPS assigns devices to and ``hostnames`` the
     names the server certificate covers.
+
+    Hub: ``route_to`` is an ``mqtt://HOST[:PORT]`` broker that receives every telemetry message
+    (None: telemetry is only stored); ``telemetry_keep`` messages are kept per device.
     """
 
     state_dir: Path | None = None
@@ -28,3 +31,5 @@ class EmulatorConfig:
     hostnames: tuple[str, ...] = ("localhost",)
     retry_after: int = 1
     log_level: str = "INFO"
+    route_to: str | None = None
+    telemetry_keep: int = 1000

@@ -383,6 +383,18 @@ class DpsService:
         substatus = "deviceDataMigrated" if moved else "initialAssignment"
         record = self._record(identity, "assigned", hub, device_id, substatus, None, now)
         tpm_blob = self._tpm_hub_key(identity, enrollment)
+        from .hub_service import register_assignment
+
+        register_assignment(
+            self.store,
+            hub=hub,
+            device_id=device_id,
+            registration_id=identity.registration_id,
+            enrollment=enrollment,
+            device_key=identity.device_key,
+            tpm_hub_key=self.hub_keys.get(identity.registration_id.lower()),
+            now=now,
+        )
         log.info("registration %s assigned to %s as %s", identity.registration_id, hub, device_id)
         state = RegistrationState(
             registration_id=identity.registration_id,

@@ -1,4 +1,5 @@
-"""The emulator process: store, certificates, the MQTT listener with DPS behind it, the service API.
+"""The emulator process: store, certificates, the MQTT listener with DPS and the hub behind it
+(:mod:`emulator.router` tells them apart), the service API.
 
 :class:`Emulator` runs inside an asyncio loop; :class:`EmulatorThread` runs one in a background
 thread (tests, demos); :func:`run_foreground` is ``dps-mqtt emulator``.
@@ -20,77 +21,33 @@ from typing import Any, Callable
 from .certs import CertPaths, ensure_certificates, server_ssl_context
 from .config import EmulatorConfig
 from .dps_https import DpsHttpsServer
-from .dps_service import (
-    CONNACK_NOT_AUTHORIZED,
-    Answer,
-    ConnectRefused,
-    DpsConfig,
-    DpsIdentity,
-    DpsService,
-    ProtocolViolation,
-)
-from .mqtt_codec import Connect, Publish
-from .mqtt_server import MqttConnection, MqttServer, Refused, ServerLimits, SessionClosed
+from .dps_service import Answer, DpsConfig, DpsService
+from .hub_service import HubConfig, HubService
+from .mqtt_server import ServerLimits
+from .router import ConnectionRouter, DpsSession, HubRuntime, RoutingMqttServer, TelemetryForwarder
 from .service_api import ServiceApi
 from .store import Store
+
+__all__ = ["DpsSession", "Emulator", "EmulatorThread", "run_foreground"]
 
 log = logging.getLogger(__name__)
 
 
-class DpsSession:
-    """Binds one authenticated MQTT connection to the DPS service; replies go only to it."""
-
-    def __init__(self, service: DpsService, identity: DpsIdentity, conn: MqttConnection) -> None:
-        self._service = service
-        self._identity = identity
-        self._conn = conn
-        self._granted: int | None = None
-
-    def subscribe(self, topic_filter: str, qos: int) -> int | None:
-        """Only ``$dps/registrations/res/#`` is allowed."""
-        granted = self._service.grant(topic_filter, qos)
-        if granted is not None:
-            self._granted = granted
-        return granted
-
-    def unsubscribe(self, topic_filter: str) -> None:
-        """Drop the response subscription."""
-        if self._service.grant(topic_filter, 0) is not None:
-            self._granted = None
-
-    def publish(self, packet: Publish, now: float) -> None:
-        """Answer a register or poll request on this connection."""
-        try:
-            replies = self._service.handle_publish(
-                self._identity, packet.topic, packet.payload, now
-            )
-        except ProtocolViolation as exc:
-            raise SessionClosed(str(exc)) from exc
-        for reply in replies:
-            if self._granted is None:
-                log.info("%s did not subscribe to responses; answer dropped", packet.topic)
-                continue
-            self._conn.send_publish(reply.topic, reply.payload, self._granted)
-
-    def puback(self, packet_id: int) -> None:
-        """DPS keeps no state for acknowledged responses."""
-
-    def closed(self) -> None:
-        """DPS sessions are never persistent."""
-
-
 class Emulator:
-    """DPS (and later IoT Hub) emulator bound to one event loop."""
+    """DPS and IoT Hub emulator bound to one event loop."""
 
     def __init__(
         self,
         config: EmulatorConfig,
         *,
         dps_config: DpsConfig | None = None,
+        hub_config: HubConfig | None = None,
         limits: ServerLimits | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        # Checked first: a bad route URL must fail before anything is opened.
+        forwarder = TelemetryForwarder(config.route_to) if config.route_to else None
         self._clock = clock
         self._limits = limits or ServerLimits()
         self._temp_dir: Path | None = None
@@ -107,11 +64,16 @@ class Emulator:
             self.store.add_hub(hub)
         dps = dps_config or DpsConfig(id_scope=config.id_scope, retry_after=config.retry_after)
         self.dps = DpsService(self.store, dps)
+        self.hub = HubService(
+            self.store, hub_config or HubConfig(telemetry_keep=config.telemetry_keep)
+        )
+        self.hub_runtime = HubRuntime(self.hub, forwarder, clock)
+        self.router = ConnectionRouter(self.dps, self.hub_runtime)
         self.certs: CertPaths = ensure_certificates(
             self.state_dir, _cert_names(config), _cert_addresses(config)
         )
-        self._mqtt = MqttServer(
-            self._authenticate,
+        self._mqtt = RoutingMqttServer(
+            self.router.authenticate,
             server_ssl_context(self.certs),
             limits=self._limits,
             clock=clock,
@@ -119,22 +81,11 @@ class Emulator:
         self.api = ServiceApi(
             self.store, self.info, host=config.host, port=config.api_port, clock=clock
         )
+        self.api.add_hub_routes(self.hub_runtime)
         self.mqtt_port = config.mqtt_port
         self.https: DpsHttpsServer | None = None
-
-    def _authenticate(self, connect: Connect, conn: MqttConnection, now: float) -> DpsSession:
-        username = connect.username or ""
-        if "/registrations/" not in username:
-            raise Refused(
-                CONNACK_NOT_AUTHORIZED, "not a DPS username (the hub is not emulated yet)"
-            )
-        try:
-            identity = self.dps.authenticate(
-                connect.client_id, connect.username, connect.password, now
-            )
-        except ConnectRefused as exc:
-            raise Refused(exc.return_code, exc.reason) from exc
-        return DpsSession(self.dps, identity, conn)
+        #: The event loop the emulator runs on (set by :meth:`start`).
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def ca_file(self) -> Path:
@@ -165,14 +116,22 @@ class Emulator:
                 "port": self.https.port if self.https else self.config.https_port,
             },
             "hubs": self.store.list_hubs(),
+            "hub": {"port": self.mqtt_port, "bind": self.config.host},
+            "telemetryRoute": (
+                self.hub_runtime.forwarder.stats() if self.hub_runtime.forwarder else None
+            ),
             "serviceApi": self.api_url,
             "caCertificate": str(self.ca_file),
             "stateDir": None if self._temp_dir else str(self.state_dir),
         }
 
     async def start(self) -> None:
-        """Start listening (MQTT, DPS over HTTPS, service API)."""
+        """Start listening (MQTT, DPS over HTTPS, service API) and the telemetry route."""
         loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.hub_runtime.attach(loop)
+        if self.hub_runtime.forwarder is not None:
+            self.hub_runtime.forwarder.start()
 
         def run_on_loop(func: Callable[[], Answer]) -> Answer:
             async def call() -> Answer:
@@ -198,9 +157,13 @@ class Emulator:
     async def stop(self) -> None:
         """Stop serving, close every connection and the store."""
         await self._mqtt.stop()
+        self.hub_runtime.attach(None)
+        loop = asyncio.get_running_loop()
         if self.https is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.https.stop)
+            await loop.run_in_executor(None, self.https.stop)
         self.api.stop()
+        if self.hub_runtime.forwarder is not None:
+            await loop.run_in_executor(None, self.hub_runtime.forwarder.stop)
         self.store.close()
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
@@ -317,7 +280,13 @@ def run_foreground(config: EmulatorConfig) -> int:
             f"  DPS (HTTPS):         {info['dpsHttps']['host']}:{info['dpsHttps']['port']}",
             flush=True,
         )
-        print(f"  linked IoT hubs:     {', '.join(info['hubs']) or '(none)'}", flush=True)
+        print(
+            f"  linked IoT hubs:     {', '.join(info['hubs']) or '(none)'}"
+            f" (MQTT over TLS on port {emulator.mqtt_port})",
+            flush=True,
+        )
+        if config.route_to:
+            print(f"  telemetry route:     {config.route_to}", flush=True)
         print(f"  service API:         {emulator.api_url}", flush=True)
         print(f"  CA certificate:      {emulator.ca_file}", flush=True)
         print(f"  state directory:     {info['stateDir'] or '(in memory)'}", flush=True)

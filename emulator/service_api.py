@@ -2,7 +2,8 @@
 
 Standard library only (``http.server`` in a daemon thread). It manages individual enrollments,
 enrollment groups and registration records in the :class:`~emulator.store.Store`, reports the
-emulator's endpoints (``GET /info``) and lets other parts of the emulator (the hub) add routes.
+emulator's endpoints (``GET /info``) and lets other parts of the emulator add routes; the hub's
+(devices, twins, direct methods, C2D, telemetry) come with :meth:`ServiceApi.add_hub_routes`.
 Every failure is answered with Azure's error JSON and the matching HTTP status; a handler that
 crashes costs its request a 500, never the server its thread. Bodies are never logged: enrollment
 bodies carry symmetric keys.
@@ -25,10 +26,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Union
+from typing import Any, Callable, Protocol, Union
 from urllib.parse import parse_qs, unquote
 
+from hub_proto.errors import HubParseError
+from hub_proto.topics import check_id
+
 from .errors import ConflictError, EmulatorError, NotFoundError, ValidationError
+from .hub_service import HubServiceError
 from .models import (
     EnrollmentGroup,
     IndividualEnrollment,
@@ -42,6 +47,7 @@ __all__ = [
     "MAX_BODY_BYTES",
     "ApiError",
     "Handler",
+    "HubApi",
     "Request",
     "Response",
     "ServiceApi",
@@ -57,6 +63,8 @@ CONNECTION_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 #: Random bytes in a key the API generates when an enrollment omits it (Azure generates 32).
 GENERATED_KEY_BYTES = 32
+#: Most telemetry messages one ``GET /devices/{id}/messages/events`` returns.
+MAX_TELEMETRY_PAGE = 1000
 
 # Error codes (6 digits, the first three being the HTTP status), as Azure's service API uses them.
 ERROR_INVALID_ARGUMENT = 400004
@@ -136,6 +144,39 @@ class Response:
 
 
 Handler = Callable[[Request], Response]
+
+
+class HubApi(Protocol):
+    """What the hub routes call (:class:`emulator.router.HubRuntime`); thread-safe, and raising
+    :class:`~emulator.hub_service.HubServiceError` for answers other than success."""
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        """Every device identity."""
+        ...
+
+    def get_device(self, device_id: str) -> dict[str, Any]:
+        """One device identity."""
+        ...
+
+    def get_twin(self, device_id: str) -> dict[str, Any]:
+        """One twin."""
+        ...
+
+    def update_twin(self, device_id: str, body: Any) -> dict[str, Any]:
+        """Patch tags and desired properties; the new twin."""
+        ...
+
+    def invoke_method(self, device_id: str, body: Any) -> dict[str, Any]:
+        """Call a direct method; ``{"status", "payload"}``."""
+        ...
+
+    def send_c2d(self, device_id: str, body: Any) -> None:
+        """Queue a cloud-to-device message."""
+        ...
+
+    def telemetry(self, device_id: str, since: int, limit: int) -> list[dict[str, Any]]:
+        """Stored telemetry after sequence number ``since``."""
+        ...
 
 
 def _reject_constant(name: str) -> Any:
@@ -385,6 +426,70 @@ class ServiceApi:
         self.add_route("GET", "/registrations/{registrationId}", self._get_registration)
         self.add_route("DELETE", "/registrations/{registrationId}", self._delete_registration)
 
+    def add_hub_routes(self, hub: HubApi) -> None:
+        """Serve the hub's routes (shapes after Azure's IoT Hub service REST API).
+
+        ``GET /devices``, ``GET /devices/{id}``, ``GET /twins/{id}``, ``PATCH /twins/{id}``
+        (``{"tags", "properties": {"desired"}}``), ``POST /twins/{id}/methods``
+        (``{"methodName", "payload", "responseTimeoutInSeconds"}``),
+        ``POST /devices/{id}/messages/deviceBound`` (a JSON body, see
+        :meth:`emulator.hub_service.HubService.parse_c2d_body`; 204) and
+        ``GET /devices/{id}/messages/events?since=SEQ&limit=N`` (stored telemetry, oldest first).
+        """
+
+        def device_id(request: Request) -> str:
+            try:
+                return check_id(request.params["deviceId"])
+            except HubParseError as exc:
+                raise ApiError(400, ERROR_INVALID_ARGUMENT, str(exc)) from exc
+
+        def call(func: Callable[[], Any], status: int = 200) -> Response:
+            try:
+                result = func()
+            except HubServiceError as exc:
+                raise ApiError(exc.status, exc.error_code, exc.message) from exc
+            return Response(status, None if status == 204 else result)
+
+        def list_devices(request: Request) -> Response:
+            return call(hub.list_devices)
+
+        def get_device(request: Request) -> Response:
+            ident = device_id(request)
+            return call(lambda: hub.get_device(ident))
+
+        def get_twin(request: Request) -> Response:
+            ident = device_id(request)
+            return call(lambda: hub.get_twin(ident))
+
+        def patch_twin(request: Request) -> Response:
+            ident = device_id(request)
+            body = request.json()
+            return call(lambda: hub.update_twin(ident, body))
+
+        def invoke(request: Request) -> Response:
+            ident = device_id(request)
+            body = request.json()
+            return call(lambda: hub.invoke_method(ident, body))
+
+        def send_c2d(request: Request) -> Response:
+            ident = device_id(request)
+            body = request.json()
+            return call(lambda: hub.send_c2d(ident, body), 204)
+
+        def telemetry(request: Request) -> Response:
+            ident = device_id(request)
+            since = _query_int(request, "since", 0, 0, 2**63 - 1)
+            limit = _query_int(request, "limit", MAX_TELEMETRY_PAGE, 1, MAX_TELEMETRY_PAGE)
+            return call(lambda: hub.telemetry(ident, since, limit))
+
+        self.add_route("GET", "/devices", list_devices)
+        self.add_route("GET", "/devices/{deviceId}", get_device)
+        self.add_route("GET", "/twins/{deviceId}", get_twin)
+        self.add_route("PATCH", "/twins/{deviceId}", patch_twin)
+        self.add_route("POST", "/twins/{deviceId}/methods", invoke)
+        self.add_route("POST", "/devices/{deviceId}/messages/deviceBound", send_c2d)
+        self.add_route("GET", "/devices/{deviceId}/messages/events", telemetry)
+
     def _now(self) -> str:
         return utc_now_iso(self._clock())
 
@@ -553,6 +658,22 @@ class ServiceApi:
             raise _registration_not_found(registration_id) from exc
         logger.info("registration %s deleted", registration_id)
         return Response(204)
+
+
+def _query_int(request: Request, name: str, default: int, minimum: int, maximum: int) -> int:
+    """An integer query parameter in ``minimum..maximum`` (400 otherwise)."""
+    values = request.query.get(name)
+    if not values:
+        return default
+    text = values[-1]
+    if not text.isascii() or not text.isdigit() or len(text) > 19:
+        raise ApiError(400, ERROR_INVALID_ARGUMENT, f"{name} must be a whole number")
+    value = int(text)
+    if not minimum <= value <= maximum:
+        raise ApiError(
+            400, ERROR_INVALID_ARGUMENT, f"{name} must be between {minimum} and {maximum}"
+        )
+    return value
 
 
 def _enrollment_not_found(registration_id: str) -> ApiError:

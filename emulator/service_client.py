@@ -7,6 +7,7 @@ connection failure has status 0.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket
@@ -78,8 +79,12 @@ class ServiceClient:
         body: Any = None,
         *,
         headers: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> Any:
-        """Send one request; return the decoded JSON answer (``None`` when it has no body)."""
+        """Send one request; return the decoded JSON answer (``None`` when it has no body).
+
+        ``timeout`` (seconds) overrides the client's socket time-out for this call.
+        """
         send_headers = {"Accept": "application/json", **(headers or {})}
         payload: bytes | None = None
         if body is not None:
@@ -94,7 +99,9 @@ class ServiceClient:
             send_headers["Content-Type"] = "application/json"
         elif method in ("PUT", "POST", "PATCH"):
             payload = b""
-        conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        conn = http.client.HTTPConnection(
+            self._host, self._port, timeout=self._timeout if timeout is None else timeout
+        )
         try:
             conn.request(method, self._prefix + path, body=payload, headers=send_headers)
             response = conn.getresponse()
@@ -255,6 +262,86 @@ class ServiceClient:
     def delete_registration(self, registration_id: str) -> None:
         """Forget a device's registration record."""
         self.request("DELETE", f"/registrations/{_segment(registration_id)}")
+
+    # hub: devices and twins
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        """Every hub device identity (created by DPS assignments)."""
+        return [_as_object(item) for item in self._get_list("/devices")]
+
+    def get_device(self, device_id: str) -> dict[str, Any]:
+        """One hub device identity, with ``connectionState`` and pending C2D count."""
+        return self._get_object(f"/devices/{_segment(device_id)}")
+
+    def get_twin(self, device_id: str) -> dict[str, Any]:
+        """A device twin: ``tags`` and ``properties.desired`` / ``properties.reported``."""
+        return self._get_object(f"/twins/{_segment(device_id)}")
+
+    def update_twin(
+        self,
+        device_id: str,
+        *,
+        desired: dict[str, Any] | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Merge-patch tags and desired properties (``None`` members delete); the new twin."""
+        body: dict[str, Any] = {}
+        if tags is not None:
+            body["tags"] = tags
+        if desired is not None:
+            body["properties"] = {"desired": desired}
+        return _as_object(self.request("PATCH", f"/twins/{_segment(device_id)}", body))
+
+    def invoke_method(
+        self,
+        device_id: str,
+        method_name: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Call a direct method; ``{"status": <device status>, "payload": <JSON>}``.
+
+        ``timeout`` is ``responseTimeoutInSeconds`` (hub default 30 s). A device that is offline
+        answers 404, one that does not answer in time 504 (as :class:`ServiceApiError`).
+        """
+        body: dict[str, Any] = {"methodName": method_name, "payload": payload}
+        if timeout is not None:
+            body["responseTimeoutInSeconds"] = timeout
+        wait = (30.0 if timeout is None else timeout) + self._timeout
+        return _as_object(
+            self.request("POST", f"/twins/{_segment(device_id)}/methods", body, timeout=wait)
+        )
+
+    # hub: cloud-to-device and telemetry
+
+    def send_c2d(
+        self,
+        device_id: str,
+        payload: str | bytes | Any = "",
+        *,
+        properties: dict[str, str] | None = None,
+        **system_properties: str,
+    ) -> None:
+        """Queue a C2D message. Text is sent as UTF-8, bytes as they are, other values as JSON;
+        ``system_properties`` are ``messageId``, ``correlationId``, ``userId``, ``contentType``,
+        ``contentEncoding``, ``expiryTimeUtc``."""
+        body: dict[str, Any] = dict(system_properties)
+        if isinstance(payload, bytes):
+            body["payloadBase64"] = base64.b64encode(payload).decode("ascii")
+        else:
+            body["payload"] = payload
+        if properties:
+            body["properties"] = properties
+        self.request("POST", f"/devices/{_segment(device_id)}/messages/deviceBound", body)
+
+    def telemetry(
+        self, device_id: str, since: int = 0, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Stored telemetry of a device with ``seq > since``, oldest first."""
+        query = f"?since={int(since)}" + (f"&limit={int(limit)}" if limit is not None else "")
+        path = f"/devices/{_segment(device_id)}/messages/events{query}"
+        return [_as_object(item) for item in self._get_list(path)]
 
 
 def _segment(value: str) -> str:
