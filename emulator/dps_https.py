@@ -54,7 +54,7 @@ class DpsHttpsServer:
             self._server.socket, server_side=True, do_handshake_on_connect=False
         )
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="dps-https", daemon=True
+            target=self._server.serve_forever, args=(0.05,), name="dps-https", daemon=True
         )
 
     @property

@@ -120,6 +120,8 @@ class MqttConnection:
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.client_id = ""
+        #: Set by ``authenticate`` when a persistent session is resumed (CONNACK session present).
+        self.session_present = False
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -269,7 +271,7 @@ class MqttConnection:
             self.close()
             return
         self._keep_alive = packet.keep_alive
-        self.send(ConnAck(False, CONNACK_ACCEPTED))
+        self.send(ConnAck(self.session_present, CONNACK_ACCEPTED))
         log.info("%s %s: connected", self.peer, packet.client_id)
 
 

@@ -39,16 +39,14 @@ from .hub_service import (
     telemetry_envelope,
 )
 from .hub_store import TelemetryRecord
-from .mqtt_codec import CONNACK_ACCEPTED, ConnAck, Connect, Packet, Publish, topic_matches
-from .mqtt_server import MqttConnection, MqttServer, Refused, Session, SessionClosed
+from .mqtt_codec import Connect, Publish, topic_matches
+from .mqtt_server import MqttConnection, Refused, Session, SessionClosed
 
 __all__ = [
     "ConnectionRouter",
     "DpsSession",
     "HubRuntime",
     "HubSession",
-    "RoutingMqttServer",
-    "SessionAwareConnection",
     "TelemetryForwarder",
 ]
 
@@ -63,45 +61,6 @@ ERROR_HUB_STOPPED = 503001
 
 
 # ---------------------------------------------------------------------------- MQTT plumbing
-
-
-class SessionAwareConnection(MqttConnection):
-    """An :class:`MqttConnection` whose accepting CONNACK can say ``session_present=1``.
-
-    The hub sets :attr:`session_present` while authenticating a ``clean_session=0`` CONNECT for
-    which a persistent session exists; the base class always answers ``session_present=0``.
-    """
-
-    session_present = False
-
-    def send(self, packet: Packet) -> None:
-        """Queue a packet, turning the accepting CONNACK into a session-present one if needed."""
-        if (
-            self.session_present
-            and isinstance(packet, ConnAck)
-            and packet.return_code == CONNACK_ACCEPTED
-        ):
-            packet = ConnAck(True, CONNACK_ACCEPTED)
-        super().send(packet)
-
-
-class RoutingMqttServer(MqttServer):
-    """The MQTT server, with :class:`SessionAwareConnection` connections."""
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = SessionAwareConnection(
-            reader, writer, self._authenticate, self._limits, self._clock
-        )
-        self._connections.add(connection)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await connection.serve()
-        finally:
-            self._connections.discard(connection)
-            if task is not None:
-                self._tasks.discard(task)
 
 
 class ConnectionRouter:
@@ -374,8 +333,7 @@ class HubRuntime:
                 subscriptions = stored
         session = HubSession(self, identity, conn, subscriptions, not connect.clean_session)
         self._sessions[device_id] = session
-        if isinstance(conn, SessionAwareConnection):
-            conn.session_present = present
+        conn.session_present = present
         if subscriptions:
             session.schedule_delivery()
         log.info(

@@ -23,8 +23,8 @@ from .config import EmulatorConfig
 from .dps_https import DpsHttpsServer
 from .dps_service import Answer, DpsConfig, DpsService
 from .hub_service import HubConfig, HubService
-from .mqtt_server import ServerLimits
-from .router import ConnectionRouter, DpsSession, HubRuntime, RoutingMqttServer, TelemetryForwarder
+from .mqtt_server import MqttServer, ServerLimits
+from .router import ConnectionRouter, DpsSession, HubRuntime, TelemetryForwarder
 from .service_api import ServiceApi
 from .store import Store
 
@@ -72,7 +72,7 @@ class Emulator:
         self.certs: CertPaths = ensure_certificates(
             self.state_dir, _cert_names(config), _cert_addresses(config)
         )
-        self._mqtt = RoutingMqttServer(
+        self._mqtt = MqttServer(
             self.router.authenticate,
             server_ssl_context(self.certs),
             limits=self._limits,
