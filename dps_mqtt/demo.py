@@ -1,21 +1,32 @@
-"""``make demo``: a device provisioned against a local emulator, printed step by step.
+"""``make demo``: a device provisioned against a local emulator and talking to its hub.
 
-Starts ``dps-mqtt emulator`` as a child process on free loopback ports, creates a symmetric-key
-enrollment group through the service API, provisions a device of that group with the library
-(MQTT over TLS, SAS token from the derived key), prints the assignment and stops the emulator.
+Starts ``dps-mqtt emulator`` as a child process on free loopback ports. When a software TPM
+(swtpm and tpm2-pytss) is available, the device attests with its TPM: an individual TPM
+enrollment, DPS over HTTPS, and hub SAS tokens signed inside the TPM; otherwise it says why and
+uses a symmetric-key enrollment group (MQTT, derived key). Either way it then connects to its hub,
+sends telemetry, round-trips the twin, answers a direct method invoked through the service API
+and receives a cloud-to-device message, printing each step, and stops the emulator.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dps_proto import Assignment, Signer
+    from emulator.service_client import ServiceClient
+    from hub_proto import Message, MethodRequest
 
 ID_SCOPE = "0ne0000DEMO"
 GROUP_ID = "demo-sensors"
@@ -29,6 +40,7 @@ class RunningEmulator:
 
     process: subprocess.Popen[str]
     mqtt_port: int
+    https_port: int
     api_url: str
     ca_file: str
 
@@ -62,12 +74,15 @@ def start_emulator(state_dir: Path, timeout: float = 30.0) -> RunningEmulator:
     lines = _read_until_ready(process.stdout, process, timeout)
     text = "\n".join(lines)
     port = re.search(r"DPS \(MQTT over TLS\):\s+\S+:(\d+)", text)
+    https = re.search(r"DPS \(HTTPS\):\s+\S+:(\d+)", text)
     api = re.search(r"service API:\s+(\S+)", text)
     ca = re.search(r"CA certificate:\s+(\S+)", text)
-    if not (port and api and ca):
+    if not (port and https and api and ca):
         process.terminate()
         raise RuntimeError(f"could not read the emulator's endpoints from:\n{text}")
-    return RunningEmulator(process, int(port.group(1)), api.group(1), ca.group(1))
+    return RunningEmulator(
+        process, int(port.group(1)), int(https.group(1)), api.group(1), ca.group(1)
+    )
 
 
 def _read_until_ready(stream: IO[str], process: subprocess.Popen[str], timeout: float) -> list[str]:
@@ -95,39 +110,185 @@ def stop_emulator(emulator: RunningEmulator) -> None:
         emulator.process.wait(timeout=5)
 
 
+def _tpm_unavailable_reason() -> str | None:
+    """Why TPM attestation cannot run here, or None when it can."""
+    import importlib.util
+
+    from tpm.swtpm import available
+
+    if not available():
+        return "swtpm is not installed"
+    if importlib.util.find_spec("tpm2_pytss") is None:
+        return "tpm2-pytss is not installed (pip install 'dps-mqtt[tpm]')"
+    return None
+
+
+def _provision_with_tpm(
+    emulator: RunningEmulator, service: ServiceClient, work: Path, stack: ExitStack
+) -> tuple[Assignment, Signer]:
+    """An individual TPM enrollment from the TPM's EK; DPS over HTTPS; the hub key in the TPM."""
+    from dps_proto import provision_https
+    from tpm import SwtpmProcess, TpmDevice
+
+    swtpm = stack.enter_context(SwtpmProcess(work / "swtpm"))
+    device = stack.enter_context(TpmDevice(swtpm.tcti))
+    device.ensure_keys()
+    registration_id = device.registration_id()
+    _step(f"software TPM ready; registration id {registration_id} (from its endorsement key)")
+    _step("creating an individual TPM enrollment from the EK and SRK")
+    service.put_enrollment(
+        {
+            "registrationId": registration_id,
+            "deviceId": "tpm-sensor-0001",
+            "attestation": {
+                "type": "tpm",
+                "tpm": {
+                    "endorsementKey": base64.b64encode(device.endorsement_key()).decode(),
+                    "storageRootKey": base64.b64encode(device.storage_root_key()).decode(),
+                },
+            },
+            "initialTwin": {"properties": {"desired": {"interval": 10}}},
+        }
+    )
+    _step("provisioning over HTTPS: challenge, activation in the TPM, TPM-signed SAS token")
+    assignment = provision_https(
+        provisioning_host="localhost",
+        port=emulator.https_port,
+        ca_file=emulator.ca_file,
+        id_scope=ID_SCOPE,
+        tpm=device,
+        timeout=30,
+    )
+    return assignment, device.signer()
+
+
+def _provision_with_group_key(
+    emulator: RunningEmulator, service: ServiceClient
+) -> tuple[Assignment, Signer]:
+    """A symmetric-key enrollment group; DPS over MQTT with the derived device key."""
+    from dps_proto import KeySigner, derive_device_key, provision
+
+    _step(f"creating the symmetric-key enrollment group {GROUP_ID!r}")
+    group = service.put_group(
+        {
+            "enrollmentGroupId": GROUP_ID,
+            "attestation": {"type": "symmetricKey"},
+            "initialTwin": {"properties": {"desired": {"interval": 10}}},
+        }
+    )
+    group_key = group["attestation"]["symmetricKey"]["primaryKey"]
+    device_key = derive_device_key(group_key, REGISTRATION_ID)
+    _step(f"provisioning device {REGISTRATION_ID!r} over MQTT with its derived key")
+    assignment = provision(
+        provisioning_host="localhost",
+        port=emulator.mqtt_port,
+        ca_file=emulator.ca_file,
+        id_scope=ID_SCOPE,
+        registration_id=REGISTRATION_ID,
+        symmetric_key=device_key,
+        timeout=30,
+    )
+    return assignment, KeySigner.from_base64(device_key)
+
+
+def _talk_to_hub(
+    emulator: RunningEmulator, service: ServiceClient, assignment: Assignment, signer: Signer
+) -> None:
+    """Telemetry, twin, a direct method and a C2D message, each checked from the service side."""
+    from hub_proto import HubClient, Message
+
+    desired_seen = threading.Event()
+    c2d_seen = threading.Event()
+    desired: list[tuple[dict[str, object], int]] = []
+    c2d: list[Message] = []
+
+    def on_desired(patch: dict[str, object], version: int) -> None:
+        desired.append((patch, version))
+        desired_seen.set()
+
+    def on_c2d(message: Message) -> None:
+        c2d.append(message)
+        c2d_seen.set()
+
+    def on_reboot(request: MethodRequest) -> tuple[int, object]:
+        return 200, {"rebooted": True, "request": json.loads(request.payload or b"null")}
+
+    device_id = assignment.device_id
+    client = HubClient.from_assignment(
+        assignment, signer=signer, port=emulator.mqtt_port, ca_file=emulator.ca_file
+    )
+    client.on_desired(on_desired)
+    client.on_c2d(on_c2d)
+    client.on_method("reboot", on_reboot)
+    with client:
+        _step(f"connecting to hub {assignment.assigned_hub} as {device_id}")
+        client.connect(timeout=30)
+        _step("sending 3 telemetry messages (QoS 1, with properties)")
+        for n in range(3):
+            body = json.dumps({"temperature": 20.5 + n}).encode()
+            message = Message(
+                body,
+                properties={"alert": "false"},
+                content_type="application/json",
+                content_encoding="utf-8",
+                message_id=f"msg-{n}",
+            )
+            client.wait_for(client.send_message(message), timeout=10)
+        stored = service.telemetry(device_id)
+        last = stored[-1]
+        print(
+            f"    the hub stored {len(stored)} messages; last: {last['body']} "
+            f"properties {last['properties']} message-id {last['systemProperties']['message-id']}",
+            flush=True,
+        )
+        _step("twin: read it, then report the firmware version")
+        twin = client.get_twin(timeout=10)
+        print(f"    desired (from the enrollment's initial twin): {twin['desired']}", flush=True)
+        version = client.patch_reported({"firmware": "1.0.0"}, timeout=10)
+        reported = service.get_twin(device_id)["properties"]["reported"]
+        print(f"    reported version {version}; the service sees {reported}", flush=True)
+        _step("service: set desired interval=30; the device receives the patch")
+        service.update_twin(device_id, desired={"interval": 30})
+        if not desired_seen.wait(10):
+            raise RuntimeError("the desired patch did not arrive")
+        print(f"    device received patch {desired[0][0]} (version {desired[0][1]})", flush=True)
+        _step("service: invoke the direct method 'reboot'")
+        result = service.invoke_method(device_id, "reboot", {"delay": 0}, timeout=10)
+        print(f"    the device answered {json.dumps(result)}", flush=True)
+        _step("service: send a cloud-to-device message")
+        service.send_c2d(device_id, "hello device", properties={"kind": "greeting"})
+        if not c2d_seen.wait(10):
+            raise RuntimeError("the C2D message did not arrive")
+        print(f"    device received {c2d[0].payload.decode()!r} {c2d[0].properties}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
     del argv
-    from dps_proto import DpsError, derive_device_key, provision
-    from emulator.service_client import ServiceClient
+    from dps_proto import DpsError
+    from emulator.service_client import ServiceApiError, ServiceClient
+    from hub_proto import HubError
+    from tpm import TpmError
 
-    with tempfile.TemporaryDirectory(prefix="dps-mqtt-demo-") as tmp:
-        _step("starting the local DPS emulator")
-        emulator = start_emulator(Path(tmp) / "state")
+    with tempfile.TemporaryDirectory(prefix="dps-mqtt-demo-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        _step("starting the local DPS + IoT Hub emulator")
+        emulator = start_emulator(work / "state")
         try:
             service = ServiceClient(emulator.api_url)
-            _step(f"creating the symmetric-key enrollment group {GROUP_ID!r}")
-            group = service.create_group(GROUP_ID)
-            group_key = group["attestation"]["symmetricKey"]["primaryKey"]
-            device_key = derive_device_key(group_key, REGISTRATION_ID)
-            _step(f"provisioning device {REGISTRATION_ID!r} with its derived key")
-            try:
-                assignment = provision(
-                    provisioning_host="localhost",
-                    port=emulator.mqtt_port,
-                    id_scope=ID_SCOPE,
-                    registration_id=REGISTRATION_ID,
-                    symmetric_key=device_key,
-                    ca_file=emulator.ca_file,
-                    timeout=30,
-                )
-            except DpsError as exc:
-                print(f"provisioning failed: {exc}", file=sys.stderr)
-                return 1
+            reason = _tpm_unavailable_reason()
+            if reason is None:
+                assignment, signer = _provision_with_tpm(emulator, service, work, stack)
+            else:
+                _step(f"no TPM attestation: {reason}; using a symmetric key instead")
+                assignment, signer = _provision_with_group_key(emulator, service)
             _step("assignment")
             print(json.dumps(assignment.to_json(), indent=2), flush=True)
-            _step("the emulator's registration record")
-            print(json.dumps(service.get_registration(REGISTRATION_ID), indent=2), flush=True)
+            _talk_to_hub(emulator, service, assignment, signer)
+            stack.close()
+        except (DpsError, HubError, TpmError, ServiceApiError, RuntimeError) as exc:
+            print(f"demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
         finally:
             _step("stopping the emulator")
             stop_emulator(emulator)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from dps_mqtt import demo
 from dps_mqtt.cli import main as cli_main
 from dps_mqtt.demo import main as demo_main
 from dps_proto import (
@@ -20,6 +21,7 @@ from dps_proto import (
 from emulator.server import Emulator, EmulatorThread
 from emulator.service_client import ServiceClient
 from tests.conftest import ID_SCOPE, start_emulator
+from tests.support.swtpm import require_swtpm
 
 
 def _kwargs(emulator: Emulator, registration_id: str) -> dict[str, object]:
@@ -142,10 +144,31 @@ def test_cli_provision_prints_the_assignment(
     assert printed["deviceId"] == "cli-dev" and printed["assignedHub"] == "localhost"
 
 
-def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
-    """The same path as `make demo`: emulator as a child process, group enrollment, provision."""
+def _assert_demo_talked_to_the_hub(out: str) -> None:
+    assert '"assignedHub": "localhost"' in out
+    assert "the hub stored 3 messages" in out
+    assert "the service sees {'firmware': '1.0.0'" in out
+    assert "device received patch {'interval': 30}" in out
+    assert '"payload": {"rebooted": true, "request": {"delay": 0}}' in out
+    assert "device received 'hello device' {'kind': 'greeting'}" in out
+    assert "==> done" in out
+
+
+def test_demo_runs_end_to_end_with_a_tpm(capsys: pytest.CaptureFixture[str]) -> None:
+    """The same path as `make demo`: emulator child process, TPM over HTTPS, then the hub."""
+    require_swtpm()
     assert demo_main([]) == 0
     out = capsys.readouterr().out
-    assert '"assignedHub": "localhost"' in out
-    assert '"enrollmentGroupId": "demo-sensors"' in out
-    assert "==> done" in out
+    assert "provisioning over HTTPS" in out and '"deviceId": "tpm-sensor-0001"' in out
+    _assert_demo_talked_to_the_hub(out)
+
+
+def test_demo_falls_back_to_a_symmetric_key_and_says_why(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo, "_tpm_unavailable_reason", lambda: "swtpm is not installed")
+    assert demo_main([]) == 0
+    out = capsys.readouterr().out
+    assert "no TPM attestation: swtpm is not installed; using a symmetric key instead" in out
+    assert '"deviceId": "sensor-0001"' in out
+    _assert_demo_talked_to_the_hub(out)

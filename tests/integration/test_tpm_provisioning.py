@@ -14,7 +14,7 @@ from dps_proto import DpsConnectionError, DpsServiceError, provision, provision_
 from emulator.server import Emulator
 from emulator.service_client import ServiceClient
 from tests.conftest import ID_SCOPE
-from tests.tpm.conftest import _require_swtpm
+from tests.support.swtpm import require_swtpm
 from tpm import TpmDevice
 from tpm.swtpm import SwtpmProcess
 
@@ -22,7 +22,7 @@ from tpm.swtpm import SwtpmProcess
 @pytest.fixture
 def device(tmp_path: Path) -> Iterator[TpmDevice]:
     """A TPM device on its own swtpm, with EK and SRK in place."""
-    _require_swtpm()
+    require_swtpm()
     process = SwtpmProcess(tmp_path / "swtpm")
     try:
         with TpmDevice(process.tcti) as tpm_device:

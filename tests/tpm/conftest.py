@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tpm.swtpm import SwtpmProcess, available
-
-
-def _require_swtpm() -> None:
-    """Skip without swtpm or tpm2-pytss on a developer's machine; in CI their absence fails."""
-    missing = not available() or importlib.util.find_spec("tpm2_pytss") is None
-    if missing and os.environ.get("CI"):
-        pytest.fail("CI must have swtpm and tpm2-pytss (make test installs them)")
-    if missing:
-        pytest.skip("swtpm or tpm2-pytss is not installed (make test installs them)")
+from tests.support.swtpm import require_swtpm
+from tpm.swtpm import SwtpmProcess
 
 
 @pytest.fixture
@@ -30,7 +20,7 @@ def swtpm_state(tmp_path: Path) -> Path:
 @pytest.fixture
 def swtpm(swtpm_state: Path) -> Iterator[SwtpmProcess]:
     """A fresh swtpm on free loopback ports, stopped after the test."""
-    _require_swtpm()
+    require_swtpm()
     process = SwtpmProcess(swtpm_state)
     try:
         yield process
