@@ -300,20 +300,60 @@ def _cmd_telemetry_tail(args: argparse.Namespace) -> int:
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
-    from dps_proto import provision
+    from dps_proto import provision, provision_https
 
-    assignment = provision(
-        provisioning_host=args.host,
-        id_scope=args.id_scope,
-        registration_id=args.registration_id,
-        symmetric_key=args.key,
-        group_key=args.group_key,
-        payload=args.payload,
-        port=args.port,
-        ca_file=args.ca_file,
-        timeout=args.timeout,
-    )
+    if args.tpm is not None:
+        from tpm import TpmDevice
+
+        with TpmDevice(args.tpm) as device:
+            device.ensure_keys()
+            assignment = provision_https(
+                provisioning_host=args.host,
+                id_scope=args.id_scope,
+                registration_id=args.registration_id,
+                tpm=device,
+                payload=args.payload,
+                port=args.port or 443,
+                ca_file=args.ca_file,
+                timeout=args.timeout,
+            )
+        _print_json(assignment.to_json())
+        return 0
+    if not args.registration_id:
+        raise CommandError("--registration-id is required with --key or --group-key")
+    common = {
+        "provisioning_host": args.host,
+        "id_scope": args.id_scope,
+        "registration_id": args.registration_id,
+        "symmetric_key": args.key,
+        "group_key": args.group_key,
+        "payload": args.payload,
+        "ca_file": args.ca_file,
+        "timeout": args.timeout,
+    }
+    if args.https:
+        assignment = provision_https(port=args.port or 443, **common)
+    else:
+        assignment = provision(port=args.port or 8883, **common)
     _print_json(assignment.to_json())
+    return 0
+
+
+def _cmd_tpm_info(args: argparse.Namespace) -> int:
+    """What an enrollment needs: registration id and base64 EK (and SRK), as Azure's SDKs print."""
+    import base64
+
+    from tpm import TpmDevice
+
+    with TpmDevice(args.tcti) as device:
+        device.ensure_keys()
+        _print_json(
+            {
+                "registrationId": device.registration_id(),
+                "endorsementKey": base64.b64encode(device.endorsement_key()).decode("ascii"),
+                "storageRootKey": base64.b64encode(device.storage_root_key()).decode("ascii"),
+            }
+        )
     return 0
 
 
@@ -572,16 +612,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_hub_commands(commands, api)
 
-    prov = commands.add_parser("provision", help="register a device with DPS over MQTT")
+    tpm_parser = commands.add_parser("tpm", help="TPM attestation helpers")
+    tpm_sub = tpm_parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    info = tpm_sub.add_parser(
+        "info", help="create EK/SRK if absent; print registration id and base64 EK and SRK"
+    )
+    info.add_argument(
+        "--tcti",
+        required=True,
+        help="how to reach the TPM: device:/dev/tpmrm0, tabrmd, swtpm:host=127.0.0.1,port=2321",
+    )
+    info.set_defaults(func=_cmd_tpm_info)
+
+    prov = commands.add_parser("provision", help="register a device with DPS (MQTT or HTTPS)")
     prov.add_argument(
         "--host", required=True, help="DPS host, e.g. global.azure-devices-provisioning.net"
     )
     prov.add_argument("--id-scope", required=True, help="DPS id scope")
-    prov.add_argument("--registration-id", required=True, help="the device's registration id")
+    prov.add_argument(
+        "--registration-id", help="the device's registration id (TPM: derived from the EK)"
+    )
     keys = prov.add_mutually_exclusive_group(required=True)
     keys.add_argument("--key", metavar="K", help="individual enrollment key, base64")
     keys.add_argument("--group-key", metavar="K", help="enrollment group key, base64")
-    prov.add_argument("--port", type=_port, default=8883, help="MQTT port (default: %(default)s)")
+    keys.add_argument(
+        "--tpm", metavar="TCTI", help="attest with this TPM (always over HTTPS, as Azure requires)"
+    )
+    prov.add_argument("--https", action="store_true", help="use DPS's HTTPS API instead of MQTT")
+    prov.add_argument(
+        "--port", type=_port, default=None, help="port (default: 8883 for MQTT, 443 for HTTPS)"
+    )
     prov.add_argument("--ca-file", metavar="F", help="CA certificate(s) to trust (PEM)")
     prov.add_argument(
         "--payload", metavar="JSON", type=_json_value, help="custom allocation payload"
@@ -624,8 +684,10 @@ def _expected_failure(exc: Exception) -> str | None:
     """The one-line message of an expected failure, or ``None`` for a bug (keep the traceback)."""
     from dps_proto.errors import DpsError
     from emulator.errors import EmulatorError
+    from hub_proto.errors import HubError
+    from tpm.errors import TpmError
 
-    if isinstance(exc, (DpsError, EmulatorError, CommandError)):
+    if isinstance(exc, (DpsError, EmulatorError, HubError, TpmError, CommandError)):
         return str(exc)
     if isinstance(exc, OSError):
         return str(exc) or type(exc).__name__

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,3 +112,60 @@ class _NoKey:
 
     def sign(self, data: bytes) -> bytes:
         return hashlib.sha256(data).digest()
+
+
+def test_cli_tpm_info_then_provision_with_the_tpm(
+    emulator: Emulator, service: ServiceClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The factory flow: read the EK with `tpm info`, enroll it, then `provision --tpm`."""
+    require_swtpm()
+    from dps_mqtt.cli import main as cli_main
+
+    with SwtpmProcess(tmp_path / "cli-swtpm") as process:
+        assert cli_main(["tpm", "info", "--tcti", process.tcti]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert len(info["registrationId"]) == 52
+        service.put_enrollment(
+            {
+                "registrationId": info["registrationId"],
+                "attestation": {
+                    "type": "tpm",
+                    "tpm": {
+                        "endorsementKey": info["endorsementKey"],
+                        "storageRootKey": info["storageRootKey"],
+                    },
+                },
+            }
+        )
+        assert emulator.https is not None
+        code = cli_main(
+            [
+                "provision",
+                "--host",
+                "localhost",
+                "--port",
+                str(emulator.https.port),
+                "--id-scope",
+                ID_SCOPE,
+                "--tpm",
+                process.tcti,
+                "--ca-file",
+                str(emulator.ca_file),
+                "--timeout",
+                "30",
+            ]
+        )
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["registrationId"] == info["registrationId"]
+
+
+def test_cli_tpm_info_names_an_unreachable_tcti(capsys: pytest.CaptureFixture[str]) -> None:
+    require_swtpm()
+    from dps_mqtt.cli import main as cli_main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tcti = f"swtpm:host=127.0.0.1,port={port}"
+    assert cli_main(["tpm", "info", "--tcti", tcti]) == 1
+    assert tcti in capsys.readouterr().err
