@@ -1,6 +1,7 @@
 # dps-mqtt: `make demo` and `make test` install what they need first (Debian packages, .venv).
 # GNU make. Variables: PYTHON (interpreter .venv is built from), EXTRAS (pip extras in .venv),
-# PYTEST_ARGS (extra pytest arguments), DEMO_ARGS (extra arguments for the demo).
+# PYTEST_ARGS (extra pytest arguments), DEMO_ARGS (extra arguments for the demo),
+# BENCH_ARGS (extra arguments for benchmarks/run.py, e.g. --smoke or --only provisioning).
 
 PYTHON ?= python3
 VENV = .venv
@@ -8,6 +9,8 @@ SDK_VENV = .venv-azure-sdk
 EXTRAS ?= dev,emulator,tpm
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+BENCH_ARGS ?=
+BENCH_EXTRAS = dev,emulator,tpm,bench
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -19,7 +22,7 @@ SHELL := /bin/bash
 VENV_HASH := $(shell { cat pyproject.toml; echo '$(EXTRAS)'; } | sha256sum | cut -c1-16)
 VENV_STAMP = $(VENV)/.installed-$(VENV_HASH)
 
-.PHONY: venv system-deps sdk-venv test demo lint typecheck clean
+.PHONY: venv system-deps sdk-venv test demo bench lint typecheck clean
 
 venv: $(VENV_STAMP)
 
@@ -47,6 +50,13 @@ test: system-deps venv sdk-venv
 
 demo: system-deps venv
 	$(VENV)/bin/python -m dps_mqtt.demo $(DEMO_ARGS)
+
+# Benchmarks (benchmarks/README.md): the same .venv with the bench extra (matplotlib) added, and the
+# SDK virtualenv for the footprint comparison; the run starts and stops mosquitto, the emulator
+# and swtpm itself, writes benchmarks/results/ and updates the table in benchmarks/README.md.
+bench: system-deps sdk-venv
+	$(MAKE) --no-print-directory venv EXTRAS=$(BENCH_EXTRAS)
+	$(VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

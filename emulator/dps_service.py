@@ -473,7 +473,8 @@ class DpsService:
         """Answer an operation status request."""
         self._expire_operations(now)
         key = identity.registration_id.lower()
-        times = self._poll_times.setdefault(key, deque())
+        times = self._poll_times.pop(key, None) or deque()
+        self._poll_times[key] = times  # re-inserted: the dict stays in order of last poll
         while times and times[0] <= now - self.config.poll_window:
             times.popleft()
         if len(times) >= self.config.polls_per_window:
@@ -500,13 +501,20 @@ class DpsService:
         return Answer(200, encode_json(final))
 
     def _expire_operations(self, now: float) -> None:
+        """Forget old operations: they sit in creation order, so only the oldest are looked at."""
         limit = now - self.config.operation_ttl
-        for op_id in [k for k, op in self._operations.items() if op.created < limit]:
-            del self._operations[op_id]
-        while len(self._operations) >= self.config.max_operations:
-            del self._operations[next(iter(self._operations))]
-        for reg_id in [k for k, t in self._poll_times.items() if not t or t[-1] < limit]:
-            del self._poll_times[reg_id]
+        operations = self._operations
+        while operations:
+            oldest = next(iter(operations))
+            if operations[oldest].created >= limit and len(operations) < self.config.max_operations:
+                break
+            del operations[oldest]
+        polls = self._poll_times
+        while polls:
+            quiet = next(iter(polls))
+            if polls[quiet] and polls[quiet][-1] >= limit:
+                break
+            del polls[quiet]
 
 
 def _new_operation_id() -> str:

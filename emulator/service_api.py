@@ -727,6 +727,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
     server: _Server
     timeout = CONNECTION_TIMEOUT
     server_version = "dps-mqtt-emulator"
+    disable_nagle_algorithm = True
 
     def version_string(self) -> str:
         return self.server_version
