@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import http.client
 import logging
-import math
 import socket
 import ssl
 import threading
@@ -38,9 +37,18 @@ from .errors import (
 )
 from .payloads import MAX_PAYLOAD_BYTES, RegisterRequest, build_register_payload
 from .registration import Assignment, OutgoingPublish, Phase, Registration, RetryPolicy
-from .sas import DPS_KEY_NAME, KeySigner, Signer, derive_device_key, dps_resource_uri
+from .sas import DPS_KEY_NAME, Signer, dps_resource_uri
 from .sas import generate_sas_token as _generate_sas_token
 from .topics import parse_retry_after
+from .transport_support import (
+    check_int,
+    check_seconds,
+    check_text,
+    client_ssl_context,
+    connect_error_message,
+    make_signer,
+    require_one,
+)
 
 __all__ = [
     "DEFAULT_HTTPS_API_VERSION",
@@ -74,63 +82,6 @@ class _Cancelled(DpsError):
 
 
 # -- settings and credentials ---------------------------------------------------------------
-
-
-def _check_credentials(
-    symmetric_key: str | None, group_key: str | None, signer: Signer | None, tpm: Any
-) -> None:
-    """Exactly one of an individual key, a group key, a signer or a TPM must be given."""
-    given = [
-        name
-        for name, value in (
-            ("symmetric_key", symmetric_key),
-            ("group_key", group_key),
-            ("signer", signer),
-            ("tpm", tpm),
-        )
-        if value is not None
-    ]
-    if len(given) != 1:
-        raise SasError(
-            "give exactly one of symmetric_key, group_key, signer or tpm"
-            + (f" (got {', '.join(given)})" if given else "")
-        )
-
-
-def _make_signer(
-    registration_id: str,
-    symmetric_key: str | None,
-    group_key: str | None,
-    signer: Signer | None,
-) -> Signer | None:
-    """The SAS signer, or None for a TPM (its signer exists only once the challenge is answered)."""
-    if signer is not None:
-        if not callable(getattr(signer, "sign", None)):
-            raise SasError("signer must have a sign(bytes) -> bytes method")
-        return signer
-    if group_key is not None:
-        return KeySigner.from_base64(derive_device_key(group_key, registration_id))
-    if symmetric_key is not None:
-        return KeySigner.from_base64(symmetric_key)
-    return None
-
-
-def _make_ssl_context(ca_file: str | None, ssl_context: ssl.SSLContext | None) -> ssl.SSLContext:
-    """TLS 1.2+ with certificate and host name checks; ``ssl_context`` wins over ``ca_file``."""
-    if ssl_context is not None:
-        return ssl_context
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = True
-    context.verify_mode = ssl.CERT_REQUIRED
-    try:
-        if ca_file is not None:
-            context.load_verify_locations(cafile=ca_file)
-        else:
-            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    except (OSError, ssl.SSLError) as exc:
-        raise DpsConnectionError(f"cannot load CA certificates from {ca_file!r}: {exc}") from exc
-    return context
 
 
 def _segment(value: str) -> str:
@@ -200,25 +151,20 @@ def _settings(
         ("id_scope", id_scope),
         ("api_version", api_version),
     ):
-        if not isinstance(value, str) or not value:
-            raise DpsError(f"{name} must be a non-empty string")
+        check_text(name, value, error=DpsError)
     if not _is_header_safe(provisioning_host) or any(c in provisioning_host for c in " /?#@"):
         raise DpsError("provisioning_host must be a host name or address")
     if user_agent is not None and (
         not isinstance(user_agent, str) or not _is_header_safe(user_agent)
     ):
         raise DpsError("user_agent must be printable ASCII text or None")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise DpsError("port must be an integer in 1..65535")
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not (timeout > 0 and math.isfinite(timeout))
-    ):
-        raise DpsError("timeout must be a positive number of seconds")
-    if isinstance(token_ttl, bool) or not isinstance(token_ttl, int) or token_ttl <= 0:
-        raise DpsError("token_ttl must be a positive number of seconds")
-    _check_credentials(symmetric_key, group_key, signer, tpm)
+    check_int("port", port, 1, 65535, error=DpsError)
+    check_seconds("timeout", timeout, error=DpsError)
+    check_seconds("token_ttl", token_ttl, error=DpsError, integer=True)
+    require_one(
+        {"symmetric_key": symmetric_key, "group_key": group_key, "signer": signer, "tpm": tpm},
+        error=SasError,
+    )
     provider = check_tpm_provider(tpm) if tpm is not None else None
     if registration_id is None:
         if provider is None:
@@ -226,9 +172,15 @@ def _settings(
         registration_id = provider.registration_id()
         if not isinstance(registration_id, str) or not registration_id:
             raise DpsError("tpm.registration_id() must return a non-empty string")
-    elif not isinstance(registration_id, str) or not registration_id:
-        raise DpsError("registration_id must be a non-empty string")
-    the_signer = _make_signer(registration_id, symmetric_key, group_key, signer)
+    else:
+        check_text("registration_id", registration_id, error=DpsError)
+    the_signer = make_signer(
+        symmetric_key=symmetric_key,
+        group_key=group_key,
+        registration_id=registration_id,
+        signer=signer,
+        error=SasError,
+    )
     request = RegisterRequest(
         registration_id=registration_id,
         payload=payload,
@@ -242,32 +194,13 @@ def _settings(
         registration_id=registration_id,
         signer=the_signer,
         tpm=provider,
-        ssl_context=_make_ssl_context(ca_file, ssl_context),
+        ssl_context=client_ssl_context(ca_file, ssl_context, error=DpsConnectionError),
         api_version=api_version,
         user_agent=user_agent,
         token_ttl=token_ttl,
         timeout=float(timeout),
     )
     return settings, Registration(request, policy=policy)
-
-
-def _connect_error(host: str, port: int, exc: BaseException) -> DpsConnectionError:
-    """A :class:`DpsConnectionError` saying why the TCP/TLS connection could not be opened."""
-    where = f"{host}:{port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        detail = exc.verify_message or str(exc)
-        message = f"TLS certificate verification failed for {where}: {detail}"
-    elif isinstance(exc, ssl.SSLError):
-        message = f"TLS handshake with {where} failed: {exc}"
-    elif isinstance(exc, ConnectionRefusedError):
-        message = f"connection to {where} refused (is DPS listening there?)"
-    elif isinstance(exc, socket.gaierror):
-        message = f"cannot resolve {host!r}: {exc}"
-    elif isinstance(exc, (socket.timeout, TimeoutError)):
-        message = f"timed out connecting to {where}"
-    else:
-        message = f"cannot connect to {where}: {exc}"
-    return DpsConnectionError(message)
 
 
 def _read_body(response: http.client.HTTPResponse) -> bytes:
@@ -415,7 +348,9 @@ class _Driver:
                     self._open(remaining)
                 except (OSError, ValueError, http.client.HTTPException) as exc:
                     self._close()
-                    error = _connect_error(settings.host, settings.port, exc)
+                    error = DpsConnectionError(
+                        connect_error_message(settings.host, settings.port, exc, service="DPS")
+                    )
                     if time.monotonic() >= self.deadline:
                         raise self._timeout() from exc
                     if not self._ever_connected:

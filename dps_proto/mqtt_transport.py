@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import queue
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -29,9 +27,23 @@ from .errors import DpsConnectionError, DpsError, ProvisioningTimeout, SasError
 from .paho_asyncio import AsyncioPahoAdapter
 from .payloads import RegisterRequest, build_register_payload
 from .registration import Assignment, Registration, RetryPolicy
-from .sas import DPS_KEY_NAME, KeySigner, Signer, derive_device_key, dps_resource_uri
+from .sas import DPS_KEY_NAME, Signer, dps_resource_uri
 from .sas import generate_sas_token as _generate_sas_token
 from .topics import DEFAULT_API_VERSION, RESPONSE_SUBSCRIBE_TOPIC, username
+from .transport_support import (
+    CONNACK_MEANINGS,
+    check_int,
+    check_seconds,
+    check_text,
+    client_ssl_context,
+    close_client_sockets,
+    connack_code,
+    connack_message,
+    connect_error_message,
+    make_signer,
+    require_one,
+    set_nodelay,
+)
 
 __all__ = ["DEFAULT_CLIENT_VERSION", "MAX_RECONNECTS", "provision", "provision_async"]
 
@@ -50,89 +62,16 @@ _MAX_POLL = 1.0
 #: How long a clean DISCONNECT may take before the socket is simply closed.
 _DISCONNECT_WAIT = 1.0
 
-#: MQTT 3.1.1 CONNACK return codes, by the name paho 2.x gives them as reason codes.
-_CONNACK_CODES = {
-    "Unsupported protocol version": 1,
-    "Client identifier not valid": 2,
-    "Server unavailable": 3,
-    "Bad user name or password": 4,
-    "Not authorized": 5,
-}
+#: CONNACK meanings as this transport words them (pointing at the DPS credentials).
 _CONNACK_MEANINGS = {
-    1: "unacceptable protocol version",
+    **CONNACK_MEANINGS,
     2: "client identifier (registration id) rejected",
-    3: "server unavailable",
     4: "bad user name or password: check the id scope, registration id and key (bad credentials)",
     5: "not authorized: check the id scope, registration id and key (bad credentials)",
 }
 
 
 # -- settings and credentials ---------------------------------------------------------------
-
-
-def _make_signer(
-    registration_id: str,
-    symmetric_key: str | None,
-    group_key: str | None,
-    signer: Signer | None,
-) -> Signer:
-    """The signer for the SAS password: exactly one of an individual key, a group key, a signer."""
-    given = [
-        name
-        for name, value in (
-            ("symmetric_key", symmetric_key),
-            ("group_key", group_key),
-            ("signer", signer),
-        )
-        if value is not None
-    ]
-    if len(given) != 1:
-        raise SasError(
-            "give exactly one of symmetric_key, group_key or signer"
-            + (f" (got {', '.join(given)})" if given else "")
-        )
-    if signer is not None:
-        if not callable(getattr(signer, "sign", None)):
-            raise SasError("signer must have a sign(bytes) -> bytes method")
-        return signer
-    if group_key is not None:
-        return KeySigner.from_base64(derive_device_key(group_key, registration_id))
-    assert symmetric_key is not None
-    return KeySigner.from_base64(symmetric_key)
-
-
-class _ClosingSSLSocket(ssl.SSLSocket):
-    """An SSL socket that closes itself when its handshake fails.
-
-    paho 2.x does not close the socket when ``do_handshake`` raises (a wrong CA, a host name
-    mismatch), leaving it to the garbage collector; this closes it at once.
-    """
-
-    def do_handshake(self, block: bool = False) -> None:
-        try:
-            super().do_handshake(block)
-        except BaseException:
-            self.close()
-            raise
-
-
-def _make_ssl_context(ca_file: str | None, ssl_context: ssl.SSLContext | None) -> ssl.SSLContext:
-    """TLS 1.2+ with certificate and host name checks; ``ssl_context`` wins over ``ca_file``."""
-    if ssl_context is not None:
-        return ssl_context
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.sslsocket_class = _ClosingSSLSocket
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = True
-    context.verify_mode = ssl.CERT_REQUIRED
-    try:
-        if ca_file is not None:
-            context.load_verify_locations(cafile=ca_file)
-        else:
-            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    except (OSError, ssl.SSLError) as exc:
-        raise DpsConnectionError(f"cannot load CA certificates from {ca_file!r}: {exc}") from exc
-    return context
 
 
 @dataclass(frozen=True)
@@ -187,21 +126,22 @@ def _settings(
         ("registration_id", registration_id),
         ("api_version", api_version),
     ):
-        if not isinstance(value, str) or not value:
-            raise DpsError(f"{name} must be a non-empty string")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise DpsError("port must be an integer in 1..65535")
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not (timeout > 0 and math.isfinite(timeout))
-    ):
-        raise DpsError("timeout must be a positive number of seconds")
-    if isinstance(token_ttl, bool) or not isinstance(token_ttl, int) or token_ttl <= 0:
-        raise DpsError("token_ttl must be a positive number of seconds")
-    if isinstance(keepalive, bool) or not isinstance(keepalive, int) or not 0 < keepalive < 65536:
-        raise DpsError("keepalive must be an integer in 1..65535")
-    the_signer = _make_signer(registration_id, symmetric_key, group_key, signer)
+        check_text(name, value, error=DpsError)
+    check_int("port", port, 1, 65535, error=DpsError)
+    check_seconds("timeout", timeout, error=DpsError)
+    check_seconds("token_ttl", token_ttl, error=DpsError, integer=True)
+    check_int("keepalive", keepalive, 1, 65535, error=DpsError)
+    require_one(
+        {"symmetric_key": symmetric_key, "group_key": group_key, "signer": signer}, error=SasError
+    )
+    the_signer = make_signer(
+        symmetric_key=symmetric_key,
+        group_key=group_key,
+        registration_id=registration_id,
+        signer=signer,
+        error=SasError,
+    )
+    assert the_signer is not None
     request = RegisterRequest(registration_id=registration_id, payload=payload)
     build_register_payload(request)  # a payload that is not JSON fails now, not mid-connection
     settings = _Settings(
@@ -210,7 +150,7 @@ def _settings(
         id_scope=id_scope,
         registration_id=registration_id,
         signer=the_signer,
-        ssl_context=_make_ssl_context(ca_file, ssl_context),
+        ssl_context=client_ssl_context(ca_file, ssl_context, error=DpsConnectionError),
         username=username(id_scope, registration_id, api_version, client_version),
         token_ttl=token_ttl,
         keepalive=keepalive,
@@ -249,47 +189,6 @@ class _Disconnect:
 
 
 _Event = Union[_Connack, _Suback, _Message, _Disconnect]
-
-
-def _connack_code(reason: Any) -> int:
-    """The MQTT 3.1.1 return code behind paho 2.x's CONNACK reason code."""
-    if not getattr(reason, "is_failure", False):
-        return 0
-    name = reason.getName() if hasattr(reason, "getName") else str(reason)
-    return _CONNACK_CODES.get(str(name), 255)
-
-
-def _connect_error(settings: _Settings, exc: BaseException) -> DpsConnectionError:
-    """A :class:`DpsConnectionError` saying why the TCP/TLS connection could not be opened."""
-    where = f"{settings.host}:{settings.port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        detail = exc.verify_message or str(exc)
-        message = f"TLS certificate verification failed for {where}: {detail}"
-    elif isinstance(exc, ssl.SSLError):
-        message = f"TLS handshake with {where} failed: {exc}"
-    elif isinstance(exc, ConnectionRefusedError):
-        message = f"connection to {where} refused (is DPS listening there?)"
-    elif isinstance(exc, socket.gaierror):
-        message = f"cannot resolve {settings.host!r}: {exc}"
-    elif isinstance(exc, TimeoutError):
-        message = f"timed out connecting to {where}"
-    else:
-        message = f"cannot connect to {where}: {exc}"
-    return DpsConnectionError(message)
-
-
-def _close_client_sockets(client: mqtt.Client) -> None:
-    """Close whatever sockets the client still holds, now rather than at garbage collection.
-
-    ``Client.loop()`` opens a wake-up socket pair that paho closes only in ``__del__``; its
-    ``_reset_sockets`` closes the network socket and that pair (and is what ``__del__`` calls).
-    """
-    reset = getattr(client, "_reset_sockets", None)
-    if callable(reset):
-        try:
-            reset()
-        except OSError:
-            log.debug("error closing the MQTT sockets", exc_info=True)
 
 
 # -- the driver shared by the blocking and the asyncio transport ------------------------------
@@ -343,7 +242,7 @@ class _Driver:
         def on_connect(
             _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
         ) -> None:
-            sink(_Connack(generation, _connack_code(reason)))
+            sink(_Connack(generation, connack_code(reason)))
 
         def on_subscribe(
             _client: mqtt.Client, _userdata: Any, mid: int, reasons: list[Any], _props: Any
@@ -395,8 +294,11 @@ class _Driver:
         )
         try:
             client.connect(settings.host, settings.port, keepalive=settings.keepalive)
+            set_nodelay(client)
         except (OSError, ValueError) as exc:
-            error = _connect_error(settings, exc)
+            error = DpsConnectionError(
+                connect_error_message(settings.host, settings.port, exc, service="DPS")
+            )
             if time.monotonic() >= self.deadline:
                 raise self._timeout() from exc
             if not self._ever_connected:
@@ -407,7 +309,7 @@ class _Driver:
     def _drop_client(self) -> None:
         client, self.client = self.client, None
         if client is not None:
-            _close_client_sockets(client)
+            close_client_sockets(client)
 
     def _schedule_reconnect(self, now: float, why: str) -> None:
         if self.reconnects >= MAX_RECONNECTS:
@@ -450,13 +352,15 @@ class _Driver:
         if self.phase != "connecting":
             return
         if return_code != 0:
-            meaning = _CONNACK_MEANINGS.get(return_code, "unknown reason")
-            raise DpsConnectionError(
-                f"DPS {self.settings.host}:{self.settings.port} refused the connection of"
-                f" {self.settings.registration_id!r}: {meaning}"
-                f" (CONNACK return code {return_code})",
-                return_code=return_code,
+            message = connack_message(
+                return_code,
+                service="DPS",
+                host=self.settings.host,
+                port=self.settings.port,
+                client_id=self.settings.registration_id,
+                meanings=_CONNACK_MEANINGS,
             )
+            raise DpsConnectionError(message, return_code=return_code)
         assert self.client is not None
         self._ever_connected = True
         result, mid = self.client.subscribe(RESPONSE_SUBSCRIBE_TOPIC, qos=1)
@@ -645,7 +549,7 @@ def _shutdown_blocking(driver: _Driver) -> None:
     except OSError:
         log.debug("error sending DISCONNECT", exc_info=True)
     finally:
-        _close_client_sockets(client)
+        close_client_sockets(client)
 
 
 async def provision_async(
@@ -735,4 +639,4 @@ async def _shutdown_async(driver: _Driver, adapters: list[AsyncioPahoAdapter]) -
         for adapter in adapters:
             adapter.close()
         if client is not None:
-            _close_client_sockets(client)
+            close_client_sockets(client)

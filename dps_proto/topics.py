@@ -69,6 +69,7 @@ def parse_retry_after(value: str | None) -> int | None:
     text = value.strip()
     if not text or not text.isascii() or not text.isdigit():
         return None
+    text = text.lstrip("0") or "0"
     if len(text) > _MAX_RETRY_AFTER_DIGITS:
         return _HUGE_RETRY_AFTER
     return int(text)

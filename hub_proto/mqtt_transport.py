@@ -34,7 +34,6 @@ import inspect
 import json
 import logging
 import math
-import socket
 import ssl
 import threading
 import time
@@ -48,9 +47,21 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from dps_proto.errors import SasError
-from dps_proto.mqtt_transport import _close_client_sockets, _ClosingSSLSocket, _connack_code
 from dps_proto.paho_asyncio import AsyncioPahoAdapter
-from dps_proto.sas import KeySigner, Signer
+from dps_proto.sas import Signer
+from dps_proto.transport_support import (
+    CONNACK_MEANINGS,
+    check_int,
+    check_text,
+    client_ssl_context,
+    close_client_sockets,
+    connack_code,
+    connack_message,
+    connect_error_message,
+    make_signer,
+    require_one,
+    set_nodelay,
+)
 
 from .auth import sas_password
 from .backoff import BackoffPolicy
@@ -98,10 +109,9 @@ _DISCONNECT_WAIT = 1.0
 #: Extra time ``close`` gives the driver beyond the flush time-out before giving up on it.
 _SHUTDOWN_GRACE = 5.0
 
+#: CONNACK meanings as this client words them (pointing at the hub credentials).
 _CONNACK_MEANINGS = {
-    1: "unacceptable protocol version",
-    2: "client identifier rejected",
-    3: "server unavailable",
+    **CONNACK_MEANINGS,
     4: "bad user name or password (check the hub name, device id and key)",
     5: "not authorized (check the hub name, device id and key)",
 }
@@ -123,41 +133,18 @@ class _TimedOut(Exception):
 
 def _make_signer(symmetric_key: str | None, signer: Signer | None) -> Signer:
     """The SAS signer: exactly one of a device key (base64) or a signer."""
-    if (symmetric_key is None) == (signer is None):
-        raise HubAuthError("give exactly one of symmetric_key or signer")
-    if signer is not None:
-        if not callable(getattr(signer, "sign", None)):
-            raise HubAuthError("signer must have a sign(bytes) -> bytes method")
-        return signer
+    require_one({"symmetric_key": symmetric_key, "signer": signer}, error=HubAuthError)
     try:
-        return KeySigner.from_base64(str(symmetric_key))
+        the_signer = make_signer(symmetric_key=symmetric_key, signer=signer, error=HubAuthError)
     except SasError as exc:
         raise HubAuthError(f"symmetric_key is not usable: {exc}") from exc
+    assert the_signer is not None
+    return the_signer
 
 
 def _make_ssl_context(ca_file: str | None, ssl_context: ssl.SSLContext | None) -> ssl.SSLContext:
     """TLS 1.2+ with certificate and host name checks; ``ssl_context`` wins over ``ca_file``."""
-    if ssl_context is not None:
-        return ssl_context
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.sslsocket_class = _ClosingSSLSocket
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = True
-    context.verify_mode = ssl.CERT_REQUIRED
-    try:
-        if ca_file is not None:
-            context.load_verify_locations(cafile=ca_file)
-        else:
-            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    except (OSError, ssl.SSLError) as exc:
-        raise HubError(f"cannot load CA certificates from {ca_file!r}: {exc}") from exc
-    return context
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise HubError(f"{name} must be an integer in {low}..{high}")
-    return value
+    return client_ssl_context(ca_file, ssl_context, error=HubError)
 
 
 @dataclass(frozen=True)
@@ -169,22 +156,6 @@ class _Settings:
     signer: Signer = dataclasses.field(repr=False)
     ssl_context: ssl.SSLContext = dataclasses.field(repr=False)
     keepalive: int
-
-
-def _connect_error(settings: _Settings, exc: BaseException) -> str:
-    """Why the TCP/TLS connection could not be opened, in words."""
-    where = f"{settings.host}:{settings.port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed for {where}: {exc.verify_message or exc}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake with {where} failed: {exc}"
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection to {where} refused"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve {settings.host!r}: {exc}"
-    if isinstance(exc, TimeoutError):
-        return f"timed out connecting to {where}"
-    return f"cannot connect to {where}: {exc}"
 
 
 def _method_result(result: object) -> tuple[int, bytes]:
@@ -276,6 +247,14 @@ _Inbox = Union[_Connack, _Suback, _Incoming, _Published, _Disconnect]
 
 
 # -- the driver shared by both clients -----------------------------------------------------
+
+
+def _release(client: mqtt.Client | None, adapter: AsyncioPahoAdapter | None) -> None:
+    """Take ``adapter`` off the event loop and close ``client``'s sockets (either may be None)."""
+    if adapter is not None:
+        adapter.close()
+    if client is not None:
+        close_client_sockets(client)
 
 
 class _Driver:
@@ -516,7 +495,7 @@ class _Driver:
             _client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, _props: Any
         ) -> None:
             present = bool(getattr(flags, "session_present", False))
-            post(_Connack(generation, _connack_code(reason), present))
+            post(_Connack(generation, connack_code(reason), present))
 
         def on_subscribe(
             _client: mqtt.Client, _userdata: Any, mid: int, reasons: list[Any], _props: Any
@@ -584,9 +563,10 @@ class _Driver:
         )
         try:
             client.connect(settings.host, settings.port, keepalive=settings.keepalive)
+            set_nodelay(client)
         except (OSError, ValueError) as exc:
             self._drop_client()
-            self.last_error = _connect_error(settings, exc)
+            self.last_error = connect_error_message(settings.host, settings.port, exc)
             log.warning("%s", self.last_error)
             self._failed_attempt(time.monotonic(), None)
             return
@@ -603,17 +583,18 @@ class _Driver:
         if at is not None and not self._stopping:
             log.info("reconnecting to the hub in %.1f s", max(0.0, at - time.monotonic()))
 
-    def _drop_client(self) -> None:
-        """Forget the current client at once (its socket is closed, its events ignored)."""
+    def _detach(self) -> tuple[mqtt.Client | None, AsyncioPahoAdapter | None]:
+        """Forget the current client and its adapter (their late events are ignored)."""
         client, adapter = self._client, self._adapter
         self._client = self._adapter = None
         self._generation += 1
         self._phase = "down"
         self._phase_deadline = None
-        if adapter is not None:
-            adapter.close()
-        if client is not None:
-            _close_client_sockets(client)
+        return client, adapter
+
+    def _drop_client(self) -> None:
+        """Forget the current client at once (its socket is closed, its events ignored)."""
+        _release(*self._detach())
 
     async def _retire(self, client: mqtt.Client | None, adapter: AsyncioPahoAdapter | None) -> None:
         """DISCONNECT cleanly (bounded), then release the client."""
@@ -623,19 +604,12 @@ class _Driver:
         except OSError:
             log.debug("no clean DISCONNECT", exc_info=True)
         finally:
-            if adapter is not None:
-                adapter.close()
-            if client is not None:
-                _close_client_sockets(client)
+            _release(client, adapter)
 
     async def _renew(self, now: float) -> None:
         """Replace the connection: MQTT 3.1.1 cannot re-authenticate a live one."""
         self._renewal_due = False
-        client, adapter = self._client, self._adapter
-        self._client = self._adapter = None
-        self._generation += 1
-        self._phase = "down"
-        self._phase_deadline = None
+        client, adapter = self._detach()
         with self.lock:
             self._absorb(self.session.connection_lost(now, "renewal"))
         log.info("SAS token of %r reaches its renewal point: reconnecting", self.session.client_id)
@@ -684,10 +658,13 @@ class _Driver:
             return
         session = self.session
         if event.return_code != 0:
-            meaning = _CONNACK_MEANINGS.get(event.return_code, "unknown reason")
-            self.last_error = (
-                f"hub {self.settings.host}:{self.settings.port} refused the connection of"
-                f" {session.client_id!r}: {meaning} (CONNACK return code {event.return_code})"
+            self.last_error = connack_message(
+                event.return_code,
+                service="hub",
+                host=self.settings.host,
+                port=self.settings.port,
+                client_id=session.client_id,
+                meanings=_CONNACK_MEANINGS,
             )
             log.warning("%s", self.last_error)
             self._drop_client()
@@ -926,10 +903,7 @@ class _Driver:
         log.info("restored %d messages from the spool %s", len(pairs), self.spool.path)
 
     async def _shutdown(self) -> None:
-        client, adapter = self._client, self._adapter
-        self._client = self._adapter = None
-        self._generation += 1
-        self._phase = "down"
+        client, adapter = self._detach()
         with self.lock:
             self._stopping = True
             self._finish(time.monotonic())
@@ -1007,14 +981,13 @@ class _ClientBase:
         max_auth_failures: int = 3,
         request_timeout: float = 30.0,
     ) -> None:
-        if not isinstance(host, str) or not host:
-            raise HubError("host must be a non-empty string")
+        check_text("host", host, error=HubError)
         for what, value in (("device id", device_id), ("module id", module_id)):
             if isinstance(value, str) and ("+" in value or "#" in value):
                 raise HubError(f"a {what} with '+' or '#' cannot be used in MQTT topics")
-        _check_int("port", port, 1, 65535)
-        _check_int("token_ttl", token_ttl, 1, 10 * 365 * 86400)
-        _check_int("keepalive", keepalive, 1, 65535)
+        check_int("port", port, 1, 65535, error=HubError)
+        check_int("token_ttl", token_ttl, 1, 10 * 365 * 86400, error=HubError)
+        check_int("keepalive", keepalive, 1, 65535, error=HubError)
         the_signer = _make_signer(symmetric_key, signer)
         context = _make_ssl_context(ca_file, ssl_context)
         session = HubSession(

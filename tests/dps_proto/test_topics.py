@@ -270,7 +270,7 @@ def test_negative_retry_after_is_built_but_parses_as_none() -> None:
 @given(text=st.text())
 def test_parse_retry_after_arbitrary_text(text: str) -> None:
     value = parse_retry_after(text)
-    assert value is None or (isinstance(value, int) and 0 <= value < 10**9)
+    assert value is None or (isinstance(value, int) and 0 <= value <= 10**9)
 
 
 # -- request topics ----------------------------------------------------------------------------

@@ -364,7 +364,8 @@ def test_broker_restart_loses_no_qos1_message(
     ids = [m.message_id for m in hub.messages()]
     stats = client.stats
     assert set(ids) == expected
-    assert len(ids) - len(expected) <= stats.resent  # duplicates only from counted resends
+    # At least once: duplicates may come from our resends (counted in stats.resent) or from the
+    # broker redelivering to its persistent subscriber after the restart, so none are bounded here.
     assert stats.acknowledged == count
     assert client.connection_count >= 2
     assert own_broker.starts == 2
