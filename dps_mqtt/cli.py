@@ -1,9 +1,9 @@
 """The ``dps-mqtt`` command line (argparse).
 
 Sub-commands: ``emulator`` (run the local DPS + IoT Hub), ``enrollment`` / ``group`` /
-``registration`` (manage DPS through its service API, printing JSON), ``device`` / ``twin`` /
-``method`` / ``c2d`` / ``telemetry`` (the hub's devices), ``provision`` (register a device with any
-DPS).
+``registration`` / ``hub`` (manage DPS through its service API, printing JSON), ``device`` /
+``twin`` / ``method`` / ``c2d`` / ``telemetry`` (the hub's devices), ``provision`` (register a
+device with any DPS).
 Heavy modules (paho, cryptography, the emulator) are imported inside the sub-command that needs
 them, so ``dps-mqtt --help`` stays fast. Expected failures print one line on stderr and exit 1;
 usage errors exit 2.
@@ -79,6 +79,36 @@ def _property(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _named_number(text: str) -> tuple[str, float]:
+    name, sep, value = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}")
+    try:
+        number = float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from exc
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number: {value!r}")
+    return name, number
+
+
+def _named_int(text: str) -> tuple[str, int]:
+    name, number = _named_number(text)
+    if not number.is_integer():
+        raise argparse.ArgumentTypeError(f"expected NAME=WHOLE_NUMBER, got {text!r}")
+    return name, int(number)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number: {text!r}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -126,6 +156,10 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         log_level="DEBUG" if args.verbose else args.log_level,
         route_to=args.route_to,
         telemetry_keep=args.telemetry_keep,
+        hub_weights=dict(args.hub_weight or []),
+        hub_latencies=dict(args.hub_latency or []),
+        allocation_policy=args.allocation_policy,
+        webhook_timeout=args.webhook_timeout,
     )
     try:
         return run_foreground(config)
@@ -143,7 +177,48 @@ def _symmetric_keys(args: argparse.Namespace) -> dict[str, Any]:
         "iot_hub_host_name": args.hub,
         "initial_twin": args.initial_twin,
         "provisioning_status": "disabled" if args.disabled else "enabled",
+        **_allocation(args),
     }
+
+
+def _allocation(args: argparse.Namespace) -> dict[str, Any]:
+    """The allocation options of ``create`` / ``update`` as ``allocation_fields`` keywords."""
+    return {
+        "allocation_policy": args.allocation_policy,
+        "iot_hubs": args.iot_hub,
+        "webhook_url": args.webhook_url,
+        "webhook_api_version": args.webhook_api_version,
+        "reprovision": args.reprovision,
+    }
+
+
+def _update_command(kind: str) -> _Command:
+    """``enrollment update`` / ``group update``: change the allocation settings (and hub,
+    initial twin) of an existing record, keeping its keys; read-modify-write with its etag."""
+
+    def command(args: argparse.Namespace) -> int:
+        from emulator.service_client import allocation_fields
+
+        client = _client(args)
+        if kind == "enrollment":
+            body, put = client.get_enrollment(args.id), client.put_enrollment
+        else:
+            body, put = client.get_group(args.id), client.put_group
+        changes = allocation_fields(**_allocation(args))
+        if args.hub is not None:
+            changes["iotHubHostName"] = args.hub
+        if args.no_hub:
+            body.pop("iotHubHostName", None)
+        if args.initial_twin is not None:
+            changes["initialTwin"] = args.initial_twin
+        if not changes and not args.no_hub:
+            raise CommandError("nothing to change: give at least one option")
+        body.update(changes)
+        etag = body.get("etag")
+        _print_json(put(body, etag=etag if isinstance(etag, str) else None))
+        return 0
+
+    return command
 
 
 def _cmd_enrollment_create(args: argparse.Namespace) -> int:
@@ -256,6 +331,31 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_device_status(status: str) -> _Command:
+    def command(args: argparse.Namespace) -> int:
+        _print_json(_client(args).set_device_status(args.id, status))
+        return 0
+
+    return command
+
+
+def _cmd_hub_list(args: argparse.Namespace) -> int:
+    _print_json(_client(args).list_linked_hubs())
+    return 0
+
+
+def _cmd_hub_add(args: argparse.Namespace) -> int:
+    hub = _client(args).put_hub(args.name, allocation_weight=args.weight, latency_ms=args.latency)
+    _print_json(hub)
+    return 0
+
+
+def _cmd_hub_remove(args: argparse.Namespace) -> int:
+    _client(args).remove_hub(args.name)
+    _print_json({"name": args.name, "removed": True})
+    return 0
+
+
 def _cmd_twin_show(args: argparse.Namespace) -> int:
     _print_json(_client(args).get_twin(args.id))
     return 0
@@ -302,31 +402,47 @@ def _cmd_telemetry_tail(args: argparse.Namespace) -> int:
 def _cmd_provision(args: argparse.Namespace) -> int:
     from dps_proto import provision, provision_https
 
+    if args.key_file is not None and args.cert is None:
+        raise CommandError("--key-file goes with --cert")
+    if args.csr and args.out is None:
+        raise CommandError(
+            "--csr needs --out DIR: the new private key and the issued certificate go there"
+        )
+    if args.out is not None and not args.csr:
+        raise CommandError("--out goes with --csr")
     if args.tpm is not None:
         from tpm import TpmDevice
 
         with TpmDevice(args.tpm) as device:
             device.ensure_keys()
+            request = _new_csr(args, args.registration_id or device.registration_id())
             assignment = provision_https(
                 provisioning_host=args.host,
                 id_scope=args.id_scope,
                 registration_id=args.registration_id,
                 tpm=device,
+                csr=None if request is None else request[1],
                 payload=args.payload,
                 port=args.port or 443,
                 ca_file=args.ca_file,
                 timeout=args.timeout,
             )
-        _print_json(assignment.to_json())
-        return 0
-    if not args.registration_id:
+        return _print_assignment(args, assignment, request)
+    registration_id = args.registration_id
+    if not registration_id and args.cert is not None:
+        registration_id = _certificate_cn(args.cert)
+    if not registration_id:
         raise CommandError("--registration-id is required with --key or --group-key")
+    request = _new_csr(args, registration_id)
     common = {
         "provisioning_host": args.host,
         "id_scope": args.id_scope,
-        "registration_id": args.registration_id,
+        "registration_id": registration_id,
         "symmetric_key": args.key,
         "group_key": args.group_key,
+        "client_cert": args.cert,
+        "client_key": args.key_file,
+        "csr": None if request is None else request[1],
         "payload": args.payload,
         "ca_file": args.ca_file,
         "timeout": args.timeout,
@@ -335,7 +451,56 @@ def _cmd_provision(args: argparse.Namespace) -> int:
         assignment = provision_https(port=args.port or 443, **common)
     else:
         assignment = provision(port=args.port or 8883, **common)
-    _print_json(assignment.to_json())
+    return _print_assignment(args, assignment, request)
+
+
+def _certificate_cn(path: str) -> str:
+    """The subject CN of the first certificate in a PEM file (X.509: the registration id)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except ValueError as exc:
+        raise CommandError(f"{path} does not start with a PEM certificate: {exc}") from exc
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = names[-1].value if names else None
+    if not isinstance(value, str) or not value:
+        raise CommandError(f"the certificate in {path} has no CN: give --registration-id")
+    return value
+
+
+def _new_csr(args: argparse.Namespace, registration_id: str) -> tuple[bytes, bytes] | None:
+    """With ``--csr``: a new EC P-384 key (PEM) and a CSR (DER) for ``registration_id``."""
+    if not args.csr:
+        return None
+    from dps_proto import generate_key_and_csr
+
+    return generate_key_and_csr(registration_id)
+
+
+def _print_assignment(
+    args: argparse.Namespace, assignment: Any, request: tuple[bytes, bytes] | None
+) -> int:
+    """Print the assignment; with ``--csr`` write the key and the issued chain to ``--out``."""
+    out = assignment.to_json()
+    if request is not None:
+        from dps_proto import chain_pem
+
+        chain = assignment.issued_certificate_chain
+        if not chain:
+            raise CommandError("DPS assigned the device but issued no certificate for its CSR")
+        directory = Path(args.out)
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = assignment.registration_id
+        key_path, cert_path = directory / f"{stem}.key.pem", directory / f"{stem}.pem"
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(request[0])
+        cert_path.write_bytes(chain_pem(chain))
+        out["certificateFile"] = str(cert_path)
+        out["keyFile"] = str(key_path)
+    _print_json(out)
     return 0
 
 
@@ -388,6 +553,105 @@ def _add_create_options(parser: argparse.ArgumentParser, *, individual: bool) ->
         help='initial twin, e.g. \'{"tags": {}, "properties": {"desired": {}}}\'',
     )
     parser.add_argument("--disabled", action="store_true", help="create it disabled")
+    _add_allocation_options(parser)
+
+
+def _add_allocation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allocation-policy",
+        choices=["hashed", "geoLatency", "static", "custom"],
+        help="how DPS picks the hub (default: static with --hub, else the service's policy)",
+    )
+    parser.add_argument(
+        "--iot-hub",
+        metavar="H",
+        action="append",
+        help="linked hub this enrollment may use; repeatable (default: every linked hub)",
+    )
+    parser.add_argument(
+        "--webhook-url",
+        metavar="URL",
+        help="custom allocation webhook (with --allocation-policy custom)",
+    )
+    parser.add_argument(
+        "--webhook-api-version",
+        metavar="V",
+        default="2021-10-01",
+        help="customAllocationDefinition.apiVersion (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--reprovision",
+        choices=["migrate", "reset", "never"],
+        help="on re-registration: move and keep the twin (migrate, Azure's default), move and"
+        " reset it to the initial twin (reset), or stay on the current hub (never)",
+    )
+
+
+def _add_x509_create(sub: Any, api: argparse.ArgumentParser, *, individual: bool) -> None:
+    if individual:
+        p = sub.add_parser(
+            "create-x509",
+            parents=[api],
+            help="create or replace an X.509 individual enrollment (the device's certificate)",
+        )
+        p.add_argument("id", metavar="ID", help="registration id (the certificate's CN)")
+        p.add_argument("--cert", metavar="PEMFILE", required=True, help="device certificate")
+        p.add_argument("--secondary-cert", metavar="PEMFILE", help="secondary device certificate")
+        p.add_argument(
+            "--device-id", metavar="D", help="hub device id (default: the registration id)"
+        )
+    else:
+        p = sub.add_parser(
+            "create-x509",
+            parents=[api],
+            help="create or replace an X.509 enrollment group (the CA that signs its devices)",
+        )
+        p.add_argument("id", metavar="ID", help="enrollment group id")
+        p.add_argument(
+            "--ca", metavar="PEMFILE", required=True, help="root or intermediate CA certificate"
+        )
+        p.add_argument("--secondary-ca", metavar="PEMFILE", help="secondary CA certificate")
+    p.add_argument("--hub", metavar="H", help="IoT hub host name to assign devices to")
+    p.add_argument(
+        "--initial-twin",
+        metavar="JSON",
+        type=_json_object,
+        help='initial twin, e.g. \'{"tags": {}, "properties": {"desired": {}}}\'',
+    )
+    p.add_argument("--disabled", action="store_true", help="create it disabled")
+    _add_allocation_options(p)
+    p.set_defaults(func=_cmd_create_x509)
+
+
+def _read_pem(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="ascii")
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"{path} is not a PEM file") from exc
+
+
+def _cmd_create_x509(args: argparse.Namespace) -> int:
+    """``enrollment create-x509`` / ``group create-x509``."""
+    individual = hasattr(args, "cert")
+    primary = _read_pem(args.cert if individual else args.ca)
+    second_path = args.secondary_cert if individual else args.secondary_ca
+    secondary = _read_pem(second_path) if second_path else None
+    common = {
+        "secondary_certificate": secondary,
+        "iot_hub_host_name": args.hub,
+        "initial_twin": args.initial_twin,
+        "provisioning_status": "disabled" if args.disabled else "enabled",
+        **_allocation(args),
+    }
+    client = _client(args)
+    if individual:
+        created = client.create_x509_enrollment(
+            args.id, primary, device_id=args.device_id, **common
+        )
+    else:
+        created = client.create_x509_group(args.id, primary, **common)
+    _print_json(created)
+    return 0
 
 
 def _add_crud(
@@ -419,6 +683,16 @@ def _add_crud(
         p = sub.add_parser(verb, parents=[api], help=text)
         p.add_argument("id", metavar="ID", help=id_help)
         p.set_defaults(func=func)
+    p = sub.add_parser(
+        "update", parents=[api], help=f"change the hub and allocation settings of one {noun}"
+    )
+    p.add_argument("id", metavar="ID", help=id_help)
+    hub = p.add_mutually_exclusive_group()
+    hub.add_argument("--hub", metavar="H", help="IoT hub host name (static allocation)")
+    hub.add_argument("--no-hub", action="store_true", help="remove iotHubHostName")
+    p.add_argument("--initial-twin", metavar="JSON", type=_json_object, help="initial twin")
+    _add_allocation_options(p)
+    p.set_defaults(func=_update_command("enrollment" if individual else "group"))
 
 
 def _add_hub_commands(commands: Any, api: argparse.ArgumentParser) -> None:
@@ -429,6 +703,38 @@ def _add_hub_commands(commands: Any, api: argparse.ArgumentParser) -> None:
     p = device_sub.add_parser("show", parents=[api], help="show one device")
     p.add_argument("id", metavar="ID", help="device id")
     p.set_defaults(func=_cmd_device_show)
+    p = device_sub.add_parser(
+        "disable", parents=[api], help="disable a device: its connection is closed and refused"
+    )
+    p.add_argument("id", metavar="ID", help="device id")
+    p.set_defaults(func=_set_device_status("disabled"))
+    p = device_sub.add_parser("enable", parents=[api], help="enable a disabled device")
+    p.add_argument("id", metavar="ID", help="device id")
+    p.set_defaults(func=_set_device_status("enabled"))
+
+    hub = commands.add_parser("hub", help="manage the IoT hubs linked to DPS")
+    hub_sub = hub.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = hub_sub.add_parser("list", parents=[api], help="list linked hubs with weight and latency")
+    p.set_defaults(func=_cmd_hub_list)
+    p = hub_sub.add_parser(
+        "add",
+        parents=[api],
+        help="link a hub (a name the emulator's certificate covers) or change its settings",
+    )
+    p.add_argument("name", metavar="NAME", help="hub host name, e.g. hub-a.azure-devices.net")
+    p.add_argument(
+        "--weight", metavar="W", type=_non_negative_int, help="allocationWeight 0..1000 (default 1)"
+    )
+    p.add_argument(
+        "--latency",
+        metavar="MS",
+        type=_non_negative_float,
+        help="latency in milliseconds, for geoLatency allocation",
+    )
+    p.set_defaults(func=_cmd_hub_add)
+    p = hub_sub.add_parser("remove", parents=[api], help="unlink a hub (its devices disconnect)")
+    p.add_argument("name", metavar="NAME", help="hub host name")
+    p.set_defaults(func=_cmd_hub_remove)
 
     twin = commands.add_parser("twin", help="read and update device twins")
     twin_sub = twin.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -537,7 +843,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--hostname",
         metavar="NAME",
         action="append",
-        help="name the server certificate covers; repeatable (default: localhost)",
+        help="name the server certificate covers; repeatable (default: localhost);"
+        " '*.DOMAIN' lets hubs of that domain be linked at run time",
+    )
+    emu.add_argument(
+        "--hub-weight",
+        metavar="NAME=W",
+        type=_named_int,
+        action="append",
+        help="allocationWeight (0..1000) of a --hub; repeatable (default 1)",
+    )
+    emu.add_argument(
+        "--hub-latency",
+        metavar="NAME=MS",
+        type=_named_number,
+        action="append",
+        help="latency in ms of a --hub, for geoLatency allocation; repeatable",
+    )
+    emu.add_argument(
+        "--allocation-policy",
+        choices=["hashed", "geoLatency"],
+        default="hashed",
+        help="service-level allocation policy for enrollments without one (default: %(default)s)",
+    )
+    emu.add_argument(
+        "--webhook-timeout",
+        metavar="S",
+        type=_positive_float,
+        default=5.0,
+        help="seconds a custom allocation webhook may take (default: %(default)s)",
     )
     emu.add_argument(
         "--log-level",
@@ -592,6 +926,8 @@ def build_parser() -> argparse.ArgumentParser:
         disable=_set_group_status("disabled"),
         individual=False,
     )
+    _add_x509_create(enrollment_sub, api, individual=True)
+    _add_x509_create(group_sub, api, individual=False)
     derive = group_sub.add_parser(
         "derive-key", help="print a device's key derived from its group key"
     )
@@ -637,6 +973,24 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--group-key", metavar="K", help="enrollment group key, base64")
     keys.add_argument(
         "--tpm", metavar="TCTI", help="attest with this TPM (always over HTTPS, as Azure requires)"
+    )
+    keys.add_argument(
+        "--cert",
+        metavar="F",
+        help="X.509: the device certificate (PEM; then any intermediates); its CN is the"
+        " registration id unless --registration-id says otherwise",
+    )
+    prov.add_argument(
+        "--key-file", metavar="F", help="private key of --cert (PEM; default: in the --cert file)"
+    )
+    prov.add_argument(
+        "--csr",
+        action="store_true",
+        help="have DPS issue a client certificate: make an EC P-384 key and a CSR, and write the"
+        " key and the issued chain to --out (api-version 2025-07-01-preview)",
+    )
+    prov.add_argument(
+        "--out", metavar="DIR", help="with --csr: where REGISTRATION_ID.key.pem and .pem go"
     )
     prov.add_argument("--https", action="store_true", help="use DPS's HTTPS API instead of MQTT")
     prov.add_argument(

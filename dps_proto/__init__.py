@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .attestation import TpmProvider
+from .csr import CSR_API_VERSION, chain_pem, csr_base64, generate_key_and_csr
 from .errors import (
     DpsConnectionError,
     DpsError,
@@ -91,6 +92,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CSR_API_VERSION",
     "DEFAULT_API_VERSION",
     "RESPONSE_SUBSCRIBE_TOPIC",
     "Assignment",
@@ -121,9 +123,12 @@ __all__ = [
     "TpmProvider",
     "Username",
     "build_register_payload",
+    "chain_pem",
+    "csr_base64",
     "derive_device_key",
     "dps_resource_uri",
     "encode_json",
+    "generate_key_and_csr",
     "generate_sas_token",
     "hub_resource_uri",
     "parse_register_payload",

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .attestation import TpmProvider, check_tpm_provider, decode_activation_blob, tpm_attestation
+from .csr import CSR_API_VERSION, api_version_supports_csr, csr_base64
 from .errors import (
     DpsConnectionError,
     DpsError,
@@ -46,6 +47,7 @@ from .transport_support import (
     check_text,
     client_ssl_context,
     connect_error_message,
+    is_certificate_refusal,
     make_signer,
     require_one,
 )
@@ -105,6 +107,8 @@ class _Settings:
     signer: Signer | None = dataclasses.field(repr=False)
     tpm: TpmProvider | None = dataclasses.field(repr=False)
     ssl_context: ssl.SSLContext = dataclasses.field(repr=False)
+    #: X.509: the TLS client certificate authenticates; requests carry no Authorization header.
+    x509: bool
     api_version: str
     user_agent: str | None
     token_ttl: int
@@ -135,17 +139,28 @@ def _settings(
     group_key: str | None,
     signer: Signer | None,
     tpm: TpmProvider | None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    csr: bytes | str | None = None,
     payload: Any,
     port: int,
     ca_file: str | None,
     ssl_context: ssl.SSLContext | None,
     timeout: float,
-    api_version: str,
+    api_version: str | None,
     user_agent: str | None,
     token_ttl: int,
     policy: RetryPolicy | None,
 ) -> tuple[_Settings, Registration]:
     """Check the arguments and build the settings and the registration core."""
+    if api_version is None:
+        api_version = DEFAULT_HTTPS_API_VERSION if csr is None else CSR_API_VERSION
+    elif (
+        csr is not None
+        and isinstance(api_version, str)
+        and not api_version_supports_csr(api_version)
+    ):
+        raise DpsError(f"csr needs api_version {CSR_API_VERSION} or later, not {api_version!r}")
     for name, value in (
         ("provisioning_host", provisioning_host),
         ("id_scope", id_scope),
@@ -162,7 +177,13 @@ def _settings(
     check_seconds("timeout", timeout, error=DpsError)
     check_seconds("token_ttl", token_ttl, error=DpsError, integer=True)
     require_one(
-        {"symmetric_key": symmetric_key, "group_key": group_key, "signer": signer, "tpm": tpm},
+        {
+            "symmetric_key": symmetric_key,
+            "group_key": group_key,
+            "signer": signer,
+            "client_cert": client_cert,
+            "tpm": tpm,
+        },
         error=SasError,
     )
     provider = check_tpm_provider(tpm) if tpm is not None else None
@@ -185,6 +206,7 @@ def _settings(
         registration_id=registration_id,
         payload=payload,
         tpm=tpm_attestation(provider) if provider is not None else None,
+        csr=None if csr is None else csr_base64(csr),
     )
     build_register_payload(request)  # a payload that is not JSON fails now, not mid-connection
     settings = _Settings(
@@ -194,7 +216,14 @@ def _settings(
         registration_id=registration_id,
         signer=the_signer,
         tpm=provider,
-        ssl_context=client_ssl_context(ca_file, ssl_context, error=DpsConnectionError),
+        ssl_context=client_ssl_context(
+            ca_file,
+            ssl_context,
+            error=DpsConnectionError,
+            client_cert=client_cert,
+            client_key=client_key,
+        ),
+        x509=client_cert is not None,
         api_version=api_version,
         user_agent=user_agent,
         token_ttl=token_ttl,
@@ -353,7 +382,7 @@ class _Driver:
                     )
                     if time.monotonic() >= self.deadline:
                         raise self._timeout() from exc
-                    if not self._ever_connected:
+                    if not self._ever_connected or is_certificate_refusal(exc):
                         raise error from exc
                     self._backoff(str(error))
                     continue
@@ -367,6 +396,10 @@ class _Driver:
                 raise
             except (OSError, http.client.HTTPException) as exc:
                 self._close()
+                if settings.x509 and is_certificate_refusal(exc):
+                    raise DpsConnectionError(
+                        connect_error_message(settings.host, settings.port, exc)
+                    ) from exc
                 if time.monotonic() >= self.deadline:
                     raise self._timeout() from exc
                 if isinstance(exc, (socket.timeout, TimeoutError)):
@@ -528,12 +561,15 @@ def provision_https(
     group_key: str | None = None,
     signer: Signer | None = None,
     tpm: TpmProvider | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    csr: bytes | str | None = None,
     payload: Any = None,
     port: int = 443,
     ca_file: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 60.0,
-    api_version: str = DEFAULT_HTTPS_API_VERSION,
+    api_version: str | None = None,
     user_agent: str | None = DEFAULT_USER_AGENT,
     token_ttl: int = 3600,
     policy: RetryPolicy | None = None,
@@ -541,7 +577,12 @@ def provision_https(
     """Register a device with DPS over HTTPS and return its :class:`Assignment` (blocking).
 
     Exactly one of ``symmetric_key`` (individual enrollment, base64), ``group_key`` (group
-    enrollment; the device key is derived from it), ``signer`` or ``tpm`` gives the credential.
+    enrollment; the device key is derived from it), ``signer``, ``client_cert`` (X.509: a PEM
+    file with the device certificate first, then any intermediates; its key in ``client_key`` or
+    the same file; no Authorization header is sent and ``registration_id``, required, must be
+    the certificate's CN) or ``tpm`` gives the credential. ``csr`` (PKCS#10, DER or PEM) asks DPS
+    to issue a client certificate (:attr:`Assignment.issued_certificate_chain`); it needs
+    api-version 2025-07-01-preview, then the default ``api_version``.
     With ``tpm``, ``registration_id`` defaults to the TPM's, the first register goes out unsigned
     with the EK and SRK, DPS's challenge blob is imported and later requests are signed by the
     TPM; the hub key in the final answer is imported too before this returns. ``payload`` is the
@@ -563,6 +604,9 @@ def provision_https(
         group_key=group_key,
         signer=signer,
         tpm=tpm,
+        client_cert=client_cert,
+        client_key=client_key,
+        csr=csr,
         payload=payload,
         port=port,
         ca_file=ca_file,
@@ -584,12 +628,15 @@ async def provision_https_async(
     group_key: str | None = None,
     signer: Signer | None = None,
     tpm: TpmProvider | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    csr: bytes | str | None = None,
     payload: Any = None,
     port: int = 443,
     ca_file: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 60.0,
-    api_version: str = DEFAULT_HTTPS_API_VERSION,
+    api_version: str | None = None,
     user_agent: str | None = DEFAULT_USER_AGENT,
     token_ttl: int = 3600,
     policy: RetryPolicy | None = None,
@@ -611,6 +658,9 @@ async def provision_https_async(
             group_key=group_key,
             signer=signer,
             tpm=tpm,
+            client_cert=client_cert,
+            client_key=client_key,
+            csr=csr,
             payload=payload,
             port=port,
             ca_file=ca_file,

@@ -23,6 +23,7 @@ from typing import Any, Union
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from .csr import CSR_API_VERSION, api_version_supports_csr, csr_base64
 from .errors import DpsConnectionError, DpsError, ProvisioningTimeout, SasError
 from .paho_asyncio import AsyncioPahoAdapter
 from .payloads import RegisterRequest, build_register_payload
@@ -69,6 +70,12 @@ _CONNACK_MEANINGS = {
     4: "bad user name or password: check the id scope, registration id and key (bad credentials)",
     5: "not authorized: check the id scope, registration id and key (bad credentials)",
 }
+#: The same for X.509 devices (the certificate is the credential).
+_X509_CONNACK_MEANINGS = {
+    **_CONNACK_MEANINGS,
+    5: "not authorized: the client certificate was refused (not enrolled, expired, or its CN"
+    " is not the registration id)",
+}
 
 
 # -- settings and credentials ---------------------------------------------------------------
@@ -82,15 +89,19 @@ class _Settings:
     port: int
     id_scope: str
     registration_id: str
-    signer: Signer = dataclasses.field(repr=False)
+    #: None with X.509: the TLS client certificate authenticates, the password stays empty.
+    signer: Signer | None = dataclasses.field(repr=False)
     ssl_context: ssl.SSLContext = dataclasses.field(repr=False)
     username: str
     token_ttl: int
     keepalive: int
     timeout: float
 
-    def credentials(self, wall_now: float) -> tuple[str, str]:
-        """CONNECT username and password (a SAS token valid ``token_ttl`` s from ``wall_now``)."""
+    def credentials(self, wall_now: float) -> tuple[str, str | None]:
+        """CONNECT username and password (a SAS token valid ``token_ttl`` s from ``wall_now``;
+        None with X.509)."""
+        if self.signer is None:
+            return self.username, None
         password = _generate_sas_token(
             dps_resource_uri(self.id_scope, self.registration_id),
             self.signer,
@@ -108,23 +119,27 @@ def _settings(
     symmetric_key: str | None,
     group_key: str | None,
     signer: Signer | None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    csr: bytes | str | None = None,
     payload: Any,
     port: int,
     ca_file: str | None,
     ssl_context: ssl.SSLContext | None,
     timeout: float,
-    api_version: str,
+    api_version: str | None,
     client_version: str | None,
     token_ttl: int,
     policy: RetryPolicy | None,
     keepalive: int,
 ) -> tuple[_Settings, Registration]:
     """Check the arguments and build the connection settings and the registration core."""
+    version = _api_version(api_version, csr)
     for name, value in (
         ("provisioning_host", provisioning_host),
         ("id_scope", id_scope),
         ("registration_id", registration_id),
-        ("api_version", api_version),
+        ("api_version", version),
     ):
         check_text(name, value, error=DpsError)
     check_int("port", port, 1, 65535, error=DpsError)
@@ -132,7 +147,13 @@ def _settings(
     check_seconds("token_ttl", token_ttl, error=DpsError, integer=True)
     check_int("keepalive", keepalive, 1, 65535, error=DpsError)
     require_one(
-        {"symmetric_key": symmetric_key, "group_key": group_key, "signer": signer}, error=SasError
+        {
+            "symmetric_key": symmetric_key,
+            "group_key": group_key,
+            "signer": signer,
+            "client_cert": client_cert,
+        },
+        error=SasError,
     )
     the_signer = make_signer(
         symmetric_key=symmetric_key,
@@ -141,22 +162,45 @@ def _settings(
         signer=signer,
         error=SasError,
     )
-    assert the_signer is not None
-    request = RegisterRequest(registration_id=registration_id, payload=payload)
+    request = RegisterRequest(
+        registration_id=registration_id,
+        payload=payload,
+        csr=None if csr is None else csr_base64(csr),
+    )
     build_register_payload(request)  # a payload that is not JSON fails now, not mid-connection
+    context = client_ssl_context(
+        ca_file,
+        ssl_context,
+        error=DpsConnectionError,
+        client_cert=client_cert,
+        client_key=client_key,
+    )
     settings = _Settings(
         host=provisioning_host,
         port=port,
         id_scope=id_scope,
         registration_id=registration_id,
         signer=the_signer,
-        ssl_context=client_ssl_context(ca_file, ssl_context, error=DpsConnectionError),
-        username=username(id_scope, registration_id, api_version, client_version),
+        ssl_context=context,
+        username=username(id_scope, registration_id, version, client_version),
         token_ttl=token_ttl,
         keepalive=keepalive,
         timeout=float(timeout),
     )
     return settings, Registration(request, policy=policy)
+
+
+def _api_version(api_version: str | None, csr: object) -> str:
+    """The api-version to use: the caller's, else the default (the CSR preview with ``csr``)."""
+    if api_version is None:
+        return DEFAULT_API_VERSION if csr is None else CSR_API_VERSION
+    if (
+        csr is not None
+        and isinstance(api_version, str)
+        and not api_version_supports_csr(api_version)
+    ):
+        raise DpsError(f"csr needs api_version {CSR_API_VERSION} or later, not {api_version!r}")
+    return api_version
 
 
 # -- events from paho callbacks -------------------------------------------------------------
@@ -358,7 +402,9 @@ class _Driver:
                 host=self.settings.host,
                 port=self.settings.port,
                 client_id=self.settings.registration_id,
-                meanings=_CONNACK_MEANINGS,
+                meanings=_CONNACK_MEANINGS
+                if self.settings.signer is not None
+                else _X509_CONNACK_MEANINGS,
             )
             raise DpsConnectionError(message, return_code=return_code)
         assert self.client is not None
@@ -395,9 +441,10 @@ class _Driver:
             return
         self._drop_client()
         if phase == "connecting" and not self._ever_connected:
+            hint = "; was the client certificate refused?" if self.settings.signer is None else ""
             raise DpsConnectionError(
                 f"DPS {self.settings.host}:{self.settings.port} closed the connection of"
-                f" {self.settings.registration_id!r} before CONNACK ({reason})"
+                f" {self.settings.registration_id!r} before CONNACK ({reason}{hint})"
             )
         self._schedule_reconnect(now, reason)
 
@@ -471,12 +518,15 @@ def provision(
     symmetric_key: str | None = None,
     group_key: str | None = None,
     signer: Signer | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    csr: bytes | str | None = None,
     payload: Any = None,
     port: int = 8883,
     ca_file: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 60.0,
-    api_version: str = DEFAULT_API_VERSION,
+    api_version: str | None = None,
     client_version: str | None = DEFAULT_CLIENT_VERSION,
     token_ttl: int = 3600,
     policy: RetryPolicy | None = None,
@@ -484,9 +534,14 @@ def provision(
 ) -> Assignment:
     """Register a device with DPS over MQTT and return its :class:`Assignment` (blocking).
 
-    Exactly one of ``symmetric_key`` (individual enrollment, base64), ``group_key`` (group
-    enrollment; the device key is derived from it) or ``signer`` gives the SAS credential.
-    ``payload`` is sent as the custom allocation payload. TLS is always on; ``ca_file`` (or the
+    Exactly one credential: ``symmetric_key`` (individual enrollment, base64), ``group_key``
+    (group enrollment; the device key is derived from it) or ``signer`` for SAS tokens, or
+    ``client_cert`` for X.509 (a PEM file: the device certificate, then any intermediates, with
+    the key in ``client_key`` or in the same file; the password stays empty and the certificate's
+    CN must be ``registration_id``). ``payload`` is sent as the custom allocation payload.
+    ``csr`` (a PKCS#10 request, DER or PEM; see :mod:`dps_proto.csr`) asks DPS to issue a client
+    certificate, returned in :attr:`Assignment.issued_certificate_chain`; it needs api-version
+    2025-07-01-preview, the default ``api_version`` then. TLS is always on; ``ca_file`` (or the
     system trust store) or ``ssl_context`` decide what server certificate is trusted.
 
     Raises :class:`~dps_proto.errors.ProvisioningTimeout` after ``timeout`` seconds,
@@ -501,6 +556,9 @@ def provision(
         symmetric_key=symmetric_key,
         group_key=group_key,
         signer=signer,
+        client_cert=client_cert,
+        client_key=client_key,
+        csr=csr,
         payload=payload,
         port=port,
         ca_file=ca_file,
@@ -560,12 +618,15 @@ async def provision_async(
     symmetric_key: str | None = None,
     group_key: str | None = None,
     signer: Signer | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    csr: bytes | str | None = None,
     payload: Any = None,
     port: int = 8883,
     ca_file: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 60.0,
-    api_version: str = DEFAULT_API_VERSION,
+    api_version: str | None = None,
     client_version: str | None = DEFAULT_CLIENT_VERSION,
     token_ttl: int = 3600,
     policy: RetryPolicy | None = None,
@@ -583,6 +644,9 @@ async def provision_async(
         symmetric_key=symmetric_key,
         group_key=group_key,
         signer=signer,
+        client_cert=client_cert,
+        client_key=client_key,
+        csr=csr,
         payload=payload,
         port=port,
         ca_file=ca_file,

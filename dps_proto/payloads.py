@@ -131,6 +131,8 @@ class RegistrationState:
     tpm_authentication_key: str | None = None
     symmetric_key_group: str | None = None
     issued_certificate_chain: tuple[str, ...] | None = None
+    #: ``x509`` of an X.509 registration: ``certificateInfo``, ``enrollmentGroupId``, ... as sent.
+    x509: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Azure's JSON shape, without absent fields."""
@@ -151,6 +153,8 @@ class RegistrationState:
             out["tpm"] = {"authenticationKey": self.tpm_authentication_key}
         if self.symmetric_key_group is not None:
             out["symmetricKey"] = {"enrollmentGroupId": self.symmetric_key_group}
+        if self.x509 is not None:
+            out["x509"] = dict(self.x509)
         if self.issued_certificate_chain is not None:
             out["issuedCertificateChain"] = list(self.issued_certificate_chain)
         return {key: value for key, value in out.items() if value is not None}
@@ -179,6 +183,10 @@ def _parse_registration_state(obj: object) -> RegistrationState:
         if not isinstance(sym, dict):
             raise DpsParseError("registrationState.symmetricKey must be an object")
         group = _opt_str(sym, "enrollmentGroupId", "registrationState.symmetricKey")
+    x509 = obj.get("x509")
+    if x509 is not None and not isinstance(x509, dict):
+        raise DpsParseError("registrationState.x509 must be an object")
+    x509 = x509 or None  # Azure sends "x509": {} for devices that are not X.509 ones
     chain_obj = obj.get("issuedCertificateChain")
     chain: tuple[str, ...] | None = None
     if chain_obj is not None:
@@ -200,6 +208,7 @@ def _parse_registration_state(obj: object) -> RegistrationState:
         tpm_authentication_key=auth_key,
         symmetric_key_group=group,
         issued_certificate_chain=chain,
+        x509=x509,
     )
 
 

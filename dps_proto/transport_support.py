@@ -34,6 +34,7 @@ __all__ = [
     "connack_code",
     "connack_message",
     "connect_error_message",
+    "is_certificate_refusal",
     "make_signer",
     "require_one",
 ]
@@ -80,14 +81,27 @@ class ClosingSSLSocket(ssl.SSLSocket):
 
 
 def client_ssl_context(
-    ca_file: str | None, ssl_context: ssl.SSLContext | None, *, error: ErrorFactory
+    ca_file: str | None,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    error: ErrorFactory,
+    client_cert: str | None = None,
+    client_key: str | None = None,
 ) -> ssl.SSLContext:
     """``ssl_context`` if given; else TLS 1.2+ with certificate and host name checks that trusts
     ``ca_file`` (or the system store) and uses :class:`ClosingSSLSocket`.
 
-    ``error(message)`` is raised when the CA certificates cannot be loaded.
+    With ``client_cert`` (PEM file: the device certificate first, then any intermediates) and
+    ``client_key`` (PEM file; None when the key is in ``client_cert``), the context presents that
+    chain as the TLS client certificate (X.509 attestation); it is loaded into ``ssl_context``
+    too when both are given. ``error(message)`` is raised when the CA certificates or the client
+    certificate and key cannot be loaded.
     """
+    if client_key is not None and client_cert is None:
+        raise error("client_key needs client_cert (the certificate it belongs to)")
     if ssl_context is not None:
+        if client_cert is not None:
+            _load_client_cert(ssl_context, client_cert, client_key, error)
         return ssl_context
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.sslsocket_class = ClosingSSLSocket
@@ -101,7 +115,33 @@ def client_ssl_context(
             context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     except (OSError, ssl.SSLError) as exc:
         raise error(f"cannot load CA certificates from {ca_file!r}: {exc}") from exc
+    if client_cert is not None:
+        _load_client_cert(context, client_cert, client_key, error)
     return context
+
+
+def _load_client_cert(
+    context: ssl.SSLContext, cert: str, key: str | None, error: ErrorFactory
+) -> None:
+    for name, value in (("client_cert", cert), ("client_key", key)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise error(f"{name} must be the path of a PEM file")
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+    except (OSError, ssl.SSLError) as exc:
+        keys = f" and key {key!r}" if key is not None else ""
+        raise error(f"cannot load the client certificate {cert!r}{keys}: {exc}") from exc
+
+
+def is_certificate_refusal(exc: BaseException) -> bool:
+    """Whether a TLS error is the server's alert about our client certificate (unknown CA,
+    bad, expired or missing certificate): retrying with the same certificate cannot help."""
+    if not isinstance(exc, ssl.SSLError):
+        return False
+    reason = str(getattr(exc, "reason", "") or exc).upper()
+    return "ALERT" in reason and any(
+        word in reason for word in ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")
+    )
 
 
 def set_nodelay(client: mqtt.Client) -> None:
@@ -166,6 +206,8 @@ def connect_error_message(
     With ``service``, a refused connection asks whether that service listens there.
     """
     where = f"{host}:{port}"
+    if is_certificate_refusal(exc):
+        return f"{where} refused the TLS client certificate: {exc}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed for {where}: {exc.verify_message or exc}"
     if isinstance(exc, ssl.SSLError):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["EmulatorConfig"]
@@ -19,6 +20,11 @@ class EmulatorConfig:
 
     Hub: ``route_to`` is an ``mqtt://HOST[:PORT]`` broker that receives every telemetry message
     (None: telemetry is only stored); ``telemetry_keep`` messages are kept per device.
+
+    Allocation: ``hub_weights`` (hub -> ``allocationWeight`` 0..1000) and ``hub_latencies``
+    (hub -> milliseconds, for ``geoLatency``) set up the linked hubs at start;
+    ``allocation_policy`` is the service-level policy (``hashed`` or ``geoLatency``) enrollments
+    without their own use; ``webhook_timeout`` bounds a custom allocation webhook call.
     """
 
     state_dir: Path | None = None
@@ -33,3 +39,7 @@ class EmulatorConfig:
     log_level: str = "INFO"
     route_to: str | None = None
     telemetry_keep: int = 1000
+    hub_weights: Mapping[str, int] = field(default_factory=dict)
+    hub_latencies: Mapping[str, float] = field(default_factory=dict)
+    allocation_policy: str = "hashed"
+    webhook_timeout: float = 5.0

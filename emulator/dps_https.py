@@ -17,10 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .client_trust import peer_chain as tls_peer_chain
 from .dps_service import (
     MAX_DPS_PAYLOAD,
     Answer,
     ConnectRefused,
+    DpsIdentity,
     DpsService,
 )
 from .models import utc_now_iso
@@ -28,6 +30,8 @@ from .models import utc_now_iso
 log = logging.getLogger(__name__)
 
 ERROR_UNAUTHORIZED = 401002
+#: What Azure's DPS says when it refuses an X.509 device's certificate (errorCode 401002).
+INVALID_CERTIFICATE = "Invalid certificate."
 ERROR_NOT_FOUND = 404001
 ERROR_BAD_REQUEST = 400004
 #: Idle or slow clients are dropped after this many seconds.
@@ -87,11 +91,27 @@ def _make_handler(
         disable_nagle_algorithm = True
         timeout = SOCKET_TIMEOUT
 
+        #: The TLS client certificate chain (DER, leaf first) of this connection, if any.
+        peer_chain: tuple[bytes, ...] = ()
+
+        #: False when the TLS handshake failed (e.g. a client certificate from an unknown CA).
+        tls_ok = True
+
         def setup(self) -> None:
             super().setup()
             sock = self.request
             if isinstance(sock, ssl.SSLSocket):
-                sock.do_handshake()
+                try:
+                    sock.do_handshake()
+                except (ssl.SSLError, OSError) as exc:
+                    log.info("%s: TLS handshake failed: %s", self.address_string(), exc)
+                    self.tls_ok = False
+                    return
+                self.peer_chain = tls_peer_chain(sock)
+
+        def handle(self) -> None:
+            if self.tls_ok:
+                super().handle()
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s %s", self.address_string(), format % args)
@@ -126,6 +146,14 @@ def _make_handler(
             ):
                 scope, registration_id = parts[0], parts[2]
                 token = self.headers.get("Authorization")
+                if not token and self.peer_chain:
+                    return self._with_certificate(
+                        scope,
+                        registration_id,
+                        api_version,
+                        now,
+                        lambda identity: service.register(identity, body, now, transport="https"),
+                    )
                 if not token:
                     return run_on_loop(
                         lambda: service.register_tpm_challenge(scope, registration_id, body, now)
@@ -146,6 +174,14 @@ def _make_handler(
             ):
                 scope, registration_id, operation_id = parts[0], parts[2], parts[4]
                 token = self.headers.get("Authorization")
+                if not token and self.peer_chain:
+                    return self._with_certificate(
+                        scope,
+                        registration_id,
+                        api_version,
+                        now,
+                        lambda identity: service.poll(identity, operation_id, now),
+                    )
                 if not token:
                     return _error(401, ERROR_UNAUTHORIZED, "no Authorization header", now)
                 return self._authenticated(
@@ -177,6 +213,31 @@ def _make_handler(
 
             return run_on_loop(run)
 
+        def _with_certificate(
+            self,
+            scope: str,
+            registration_id: str,
+            api_version: str,
+            now: float,
+            action: Callable[[DpsIdentity], Answer],
+        ) -> Answer:
+            """Authenticate by the TLS client certificate (X.509), then run ``action``."""
+            chain = self.peer_chain
+
+            def run() -> Answer:
+                try:
+                    identity = service.verify_certificate(
+                        scope, registration_id, chain, api_version, now
+                    )
+                except ConnectRefused as exc:
+                    log.info("HTTPS request of %s refused: %s", registration_id, exc.reason)
+                    return _error(
+                        401, ERROR_UNAUTHORIZED, INVALID_CERTIFICATE, now, {"reason": exc.reason}
+                    )
+                return action(identity)
+
+            return run_on_loop(run)
+
         def _read_body(self) -> bytes | None:
             length_text = self.headers.get("Content-Length", "0") or "0"
             try:
@@ -200,11 +261,15 @@ def _make_handler(
     return Handler
 
 
-def _error(status: int, code: int, message: str, now: float) -> Answer:
-    body = {
+def _error(
+    status: int, code: int, message: str, now: float, info: dict[str, str] | None = None
+) -> Answer:
+    body: dict[str, Any] = {
         "errorCode": code,
         "trackingId": str(uuid.uuid4()),
         "message": message,
         "timestampUtc": utc_now_iso(now),
     }
+    if info:
+        body["info"] = info
     return Answer(status, json.dumps(body).encode("utf-8"))

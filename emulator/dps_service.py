@@ -7,19 +7,22 @@ the MQTT server moves the bytes. Time is an argument. Records go to the :class:`
 from __future__ import annotations
 
 import base64
-import hashlib
+import dataclasses
 import json
 import logging
 import secrets
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 from dps_proto import (
     DpsParseError,
     ErrorBody,
     KeySigner,
     OperationStatus,
+    RegisterRequest,
     RegistrationState,
     SasError,
     derive_device_key,
@@ -33,18 +36,37 @@ from dps_proto import (
     verify_sas_token,
 )
 
-from .errors import ValidationError
+from .allocation import (
+    DEFAULT_WEBHOOK_TIMEOUT,
+    ERROR_CUSTOM_ALLOCATION_FAILED,
+    AllocationCall,
+    LinkedHub,
+    WebhookOutcome,
+    build_allocation_request,
+    candidate_hubs,
+    choose_geo_latency,
+    choose_hashed,
+    effective_policy,
+    interpret_webhook,
+    static_hub,
+)
+from .errors import EmulatorError, ValidationError
+from .hub_store import HubStore
 from .models import (
     EnrollmentGroup,
     IndividualEnrollment,
     RegistrationRecord,
     SymmetricKeyAttestation,
     TpmAttestation,
+    X509Attestation,
     new_etag,
     utc_now_iso,
     validate_registration_id,
 )
 from .store import Store
+
+if TYPE_CHECKING:
+    from .x509 import CertificateIssuer
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +111,10 @@ class DpsIdentity:
     api_version: str
     enrollment_group_id: str | None
     device_key: str
+    #: X.509 devices: ``registrationState.x509`` (``certificateInfo``, ``enrollmentGroupId``).
+    x509: dict[str, Any] | None = field(default=None, compare=False)
+    #: A register request's CSR (DER), once checked; DPS issues a certificate for it.
+    csr: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -127,14 +153,30 @@ class DpsConfig:
     #: Operations are forgotten after this long, and at most ``max_operations`` are kept.
     operation_ttl: float = 600.0
     max_operations: int = 10_000
+    #: The service-level allocation policy (``hashed`` or ``geoLatency``); an enrollment's own
+    #: ``allocationPolicy`` wins.
+    allocation_policy: str = "hashed"
+    #: Seconds a custom allocation webhook may take before the registration fails.
+    webhook_timeout: float = DEFAULT_WEBHOOK_TIMEOUT
+
+
+@dataclass(frozen=True)
+class _PendingAllocation:
+    """What a register request left for its custom allocation webhook's answer to finish."""
+
+    identity: DpsIdentity
+    enrollment: IndividualEnrollment | EnrollmentGroup
+    linked_hubs: tuple[str, ...]
 
 
 @dataclass
 class _Operation:
     registration_id: str
     created: float
-    status: OperationStatus
+    #: The final status; None while a custom allocation webhook is being called.
+    status: OperationStatus | None
     polls_left: int
+    pending: _PendingAllocation | None = None
 
 
 @dataclass
@@ -150,13 +192,29 @@ class DpsService:
     _tpm_srks: dict[str, str] = field(default_factory=dict)
     #: Keys delivered to TPM devices for their hub (registration id -> base64 key).
     hub_keys: dict[str, str] = field(default_factory=dict)
+    #: Signs certificates for register requests with a ``csr`` (the emulator's CA); None: refused.
+    issuer: CertificateIssuer | None = None
+    #: Custom allocation webhook calls waiting to be made (see :meth:`take_allocation_calls`).
+    _allocation_calls: list[AllocationCall] = field(default_factory=list)
+    #: Called (on the caller's thread) when a webhook call has been queued.
+    allocation_listener: Callable[[], None] | None = None
+    #: Called with a device id whose hub identity moved to another hub (its old connection
+    #: should be closed, as Azure removes the old registration).
+    device_moved: Callable[[str], object] | None = None
 
     # -- CONNECT ----------------------------------------------------------------------------
 
     def authenticate(
-        self, client_id: str, username: str | None, password: bytes | None, now: float
+        self,
+        client_id: str,
+        username: str | None,
+        password: bytes | None,
+        now: float,
+        *,
+        client_chain: Sequence[bytes] = (),
     ) -> DpsIdentity:
-        """Check a CONNECT's credentials; :class:`ConnectRefused` says why not."""
+        """Check a CONNECT's credentials: a SAS token, or with an empty password the TLS client
+        certificate chain (DER, leaf first); :class:`ConnectRefused` says why not."""
         if username is None:
             raise ConnectRefused(CONNACK_BAD_CREDENTIALS, "no username")
         try:
@@ -174,8 +232,12 @@ class DpsService:
                 CONNACK_IDENTIFIER_REJECTED, "client id differs from the registration id"
             )
         if not password:
-            raise ConnectRefused(
-                CONNACK_NOT_AUTHORIZED, "no SAS token (X.509 is not supported yet)"
+            if not client_chain:
+                raise ConnectRefused(
+                    CONNACK_NOT_AUTHORIZED, "neither a SAS token nor a client certificate"
+                )
+            return self.verify_certificate(
+                parsed.id_scope, parsed.registration_id, client_chain, parsed.api_version, now
             )
         try:
             token_text = password.decode("utf-8")
@@ -211,6 +273,102 @@ class DpsService:
                 device_key=key,
             )
         raise ConnectRefused(CONNACK_NOT_AUTHORIZED, reason)
+
+    def verify_certificate(
+        self,
+        id_scope: str,
+        registration_id: str,
+        chain: Sequence[bytes],
+        api_version: str,
+        now: float,
+    ) -> DpsIdentity:
+        """Check an X.509 device's TLS client certificate chain (DER, leaf first).
+
+        The leaf's CN must be the registration id and the leaf valid at ``now``. An individual
+        enrollment of that registration id must hold the leaf itself (SHA-1 or SHA-256
+        thumbprint); without one, an enrollment group's signing certificate must be reached from
+        the leaf through the presented certificates (:func:`emulator.x509.verify_chain`).
+        :class:`ConnectRefused` (not authorized) says why not.
+        """
+        from .x509 import (
+            CertificateRejected,
+            certificate_info,
+            check_validity,
+            common_name,
+            load_chain,
+            matches_thumbprint,
+            thumbprints,
+        )
+
+        if id_scope.lower() != self.config.id_scope.lower():
+            raise ConnectRefused(CONNACK_NOT_AUTHORIZED, f"unknown ID scope {id_scope!r}")
+        try:
+            validate_registration_id(registration_id)
+        except ValidationError as exc:
+            raise ConnectRefused(CONNACK_IDENTIFIER_REJECTED, str(exc)) from exc
+        try:
+            certs = load_chain(chain)
+            leaf = certs[0]
+            name = common_name(leaf)
+            if name is None or name.lower() != registration_id.lower():
+                raise CertificateRejected(
+                    f"the certificate's CN {name!r} is not the registration id {registration_id!r}"
+                )
+            check_validity(leaf, now, "the device certificate")
+            info = certificate_info(leaf)
+            enrollment = self.store.get_enrollment(registration_id)
+            if enrollment is not None:
+                att = enrollment.attestation
+                if not isinstance(att, X509Attestation):
+                    raise CertificateRejected("the individual enrollment is not an X.509 one")
+                from cryptography import x509 as _x509
+
+                enrolled = [_x509.load_pem_x509_certificate(p.encode()) for p in att.certificates]
+                wanted = [print_ for cert in enrolled for print_ in thumbprints(cert)]
+                if not matches_thumbprint(leaf, wanted):
+                    raise CertificateRejected("the certificate is not the individual enrollment's")
+                group_id: str | None = None
+                x509_state: dict[str, Any] = {"certificateInfo": info}
+            else:
+                group_id, signer_info = self._x509_group(certs, now)
+                x509_state = {
+                    "certificateInfo": info,
+                    "enrollmentGroupId": group_id,
+                    "signingCertificateInfo": signer_info,
+                }
+        except CertificateRejected as exc:
+            raise ConnectRefused(CONNACK_NOT_AUTHORIZED, f"invalid certificate: {exc}") from exc
+        return DpsIdentity(
+            registration_id=registration_id,
+            id_scope=id_scope,
+            api_version=api_version,
+            enrollment_group_id=group_id,
+            device_key="",
+            x509=x509_state,
+        )
+
+    def _x509_group(self, chain: list[Any], now: float) -> tuple[str, dict[str, Any]]:
+        """The X.509 group whose signing certificate the chain leads to, and that certificate's
+        info; :class:`~emulator.x509.CertificateRejected` if none does."""
+        from cryptography import x509 as _x509
+
+        from .x509 import CertificateRejected, certificate_info, verify_chain
+
+        reasons: list[str] = []
+        for group in self.store.list_groups():
+            att = group.attestation
+            if not isinstance(att, X509Attestation):
+                continue
+            for pem in att.certificates:
+                anchor = _x509.load_pem_x509_certificate(pem.encode())
+                try:
+                    verify_chain(chain, anchor, now)
+                except CertificateRejected as exc:
+                    reasons.append(f"{group.enrollment_group_id}: {exc}")
+                    continue
+                return group.enrollment_group_id, certificate_info(anchor)
+        detail = "; ".join(reasons[:3]) if reasons else "there are no X.509 enrollment groups"
+        raise CertificateRejected(f"no enrollment matches the certificate ({detail})")
 
     def _candidate_keys(self, registration_id: str) -> list[tuple[str | None, str]]:
         """Device keys that may sign this device's token: its own enrollment's, else groups'."""
@@ -282,6 +440,12 @@ class DpsService:
                 "TPM attestation is not supported over MQTT; use HTTPS or AMQP",
                 now,
             )
+        if body.csr is not None:
+            try:
+                identity = self._checked_csr(identity, body.csr)
+            except EmulatorError as exc:
+                log.info("registration %s: CSR refused: %s", identity.registration_id, exc)
+                return _error(400, ERROR_INVALID_REQUEST, str(exc), now)
         enrollment: IndividualEnrollment | EnrollmentGroup | None
         if identity.enrollment_group_id is None:
             enrollment = self.store.get_enrollment(identity.registration_id)
@@ -294,14 +458,64 @@ class DpsService:
             log.info("registration %s: enrollment disabled", identity.registration_id)
             status = OperationStatus(operation_id=None, status="disabled")
             return Answer(200, encode_json(status))
-        result = self._assign(identity, enrollment, now)
         operation_id = _new_operation_id()
-        self._operations[operation_id] = _Operation(
-            identity.registration_id.lower(), now, result, self.config.assigning_polls
+        operation = _Operation(
+            identity.registration_id.lower(), now, None, self.config.assigning_polls
         )
+        self._operations[operation_id] = operation
+        operation.status = self._assign(identity, enrollment, body, operation_id, now)
         state = RegistrationState(registration_id=identity.registration_id, status="assigning")
         pending = OperationStatus(operation_id, "assigning", state)
         return Answer(202, encode_json(pending), self.config.retry_after)
+
+    def _checked_csr(self, identity: DpsIdentity, csr: str) -> DpsIdentity:
+        """The identity carrying a register request's CSR once it is acceptable (api-version,
+        signature, CN = registration id, EC P-384); :class:`~emulator.x509.CsrError` if not."""
+        from cryptography.hazmat.primitives import serialization
+
+        from .x509 import CSR_API_VERSION, CsrError, parse_csr
+
+        if identity.api_version[:10] < CSR_API_VERSION[:10]:
+            raise CsrError(
+                f"csr needs api-version {CSR_API_VERSION} or later (the request used"
+                f" {identity.api_version!r})"
+            )
+        if self.issuer is None:
+            raise CsrError("this DPS does not issue certificates (no CA configured)")
+        request = parse_csr(csr, identity.registration_id)
+        der = request.public_bytes(serialization.Encoding.DER)
+        return dataclasses.replace(identity, csr=der)
+
+    def _certificate_state(
+        self, identity: DpsIdentity, state: RegistrationState, now: float
+    ) -> RegistrationState:
+        """An assigned registration's state with what X.509 and CSRs add: ``x509`` (instead of
+        ``symmetricKey``) for certificate devices, and for a CSR the issued chain, whose leaf
+        the device's hub identity then accepts (by thumbprint)."""
+        if identity.x509 is None and identity.csr is None:
+            return state
+        changes: dict[str, Any] = {}
+        if identity.x509 is not None:
+            changes["x509"] = {k: v for k, v in identity.x509.items() if v is not None}
+            changes["symmetric_key_group"] = None
+        if identity.csr is not None and self.issuer is not None and state.device_id:
+            from cryptography import x509 as _x509
+
+            from .hub_service import add_device_thumbprint
+            from .x509 import thumbprints
+
+            request = _x509.load_der_x509_csr(identity.csr)
+            chain = self.issuer.issue(request, identity.registration_id, now)
+            leaf = _x509.load_der_x509_certificate(chain[0])
+            add_device_thumbprint(self.store, state.device_id, thumbprints(leaf)[1])
+            changes["issued_certificate_chain"] = tuple(
+                base64.b64encode(der).decode("ascii") for der in chain
+            )
+            log.info(
+                "registration %s: issued a client certificate from its CSR",
+                identity.registration_id,
+            )
+        return dataclasses.replace(state, **changes)
 
     def register_tpm_challenge(
         self, id_scope: str, registration_id: str, payload: bytes, now: float
@@ -354,34 +568,168 @@ class DpsService:
         self,
         identity: DpsIdentity,
         enrollment: IndividualEnrollment | EnrollmentGroup,
+        request: RegisterRequest,
+        operation_id: str,
         now: float,
-    ) -> OperationStatus:
-        """Pick the hub, record the registration, and return the final operation status."""
-        hub = self._choose_hub(identity.registration_id, enrollment)
-        if hub is None:
-            message = "no linked IoT hub is available for this enrollment"
-            record = self._record(
-                identity, "failed", None, None, None, None, now, error=(ERROR_NO_HUB, message)
-            )
-            state = RegistrationState(
+    ) -> OperationStatus | None:
+        """Pick the hub by the enrollment's allocation policy and finish the registration; for
+        ``custom``, queue the webhook call instead and return None (see
+        :meth:`complete_allocation`)."""
+        policy = effective_policy(enrollment, self.config.allocation_policy)
+        linked = self.store.list_linked_hubs()
+        candidates = candidate_hubs(enrollment, linked)
+        if policy == "custom":
+            definition = enrollment.custom_allocation_definition
+            if definition is None:
+                return self._failed(
+                    identity,
+                    ERROR_CUSTOM_ALLOCATION_FAILED,
+                    "Custom allocation failed: the enrollment has no customAllocationDefinition",
+                    now,
+                )
+            names = tuple(hub.name for hub in candidates)
+            current_hub, current_device = self._current_assignment(identity, enrollment, linked)
+            body = build_allocation_request(
+                enrollment,
                 registration_id=identity.registration_id,
-                status="failed",
-                error_code=ERROR_NO_HUB,
-                error_message=message,
-                created=record.created,
-                last_updated=record.last_updated,
-                etag=record.etag,
+                linked_hubs=names,
+                current_hub=current_hub,
+                current_device_id=current_device,
+                payload=request.payload,
+                attestation=identity.x509,
             )
-            return OperationStatus(None, "failed", state)
-        device_id = (
-            enrollment.device_id
-            if isinstance(enrollment, IndividualEnrollment) and enrollment.device_id
-            else identity.registration_id
+            self._operations[operation_id].pending = _PendingAllocation(
+                identity, enrollment, names
+            )
+            self._allocation_calls.append(
+                AllocationCall(operation_id, definition["webhookUrl"], body, names)
+            )
+            log.info("registration %s: custom allocation webhook queued", identity.registration_id)
+            if self.allocation_listener is not None:
+                self.allocation_listener()
+            return None
+        hub = self._choose_hub(identity.registration_id, enrollment, policy, linked, candidates)
+        if hub is None:
+            return self._failed(
+                identity,
+                ERROR_NO_HUB,
+                f"no linked IoT hub is available for this enrollment ({policy} allocation)",
+                now,
+            )
+        return self._complete(identity, enrollment, hub, now)
+
+    def take_allocation_calls(self) -> list[AllocationCall]:
+        """The webhook calls queued since the last time (the caller makes them, off the loop,
+        and reports each with :meth:`complete_allocation`)."""
+        calls, self._allocation_calls = self._allocation_calls, []
+        return calls
+
+    def complete_allocation(self, operation_id: str, outcome: WebhookOutcome, now: float) -> bool:
+        """Finish the operation waiting for a webhook with what the webhook did; False when
+        there is no such operation any more (expired, or already completed)."""
+        operation = self._operations.get(operation_id)
+        if operation is None or operation.pending is None:
+            return False
+        pending, operation.pending = operation.pending, None
+        identity = pending.identity
+        decision = interpret_webhook(outcome, pending.linked_hubs)
+        if decision.hub is None:
+            code = decision.error_code or ERROR_CUSTOM_ALLOCATION_FAILED
+            message = decision.error_message or "Custom allocation failed"
+            log.info("registration %s: %s", identity.registration_id, message)
+            operation.status = self._failed(identity, code, message, now)
+            return True
+        try:
+            operation.status = self._complete(
+                identity,
+                pending.enrollment,
+                decision.hub,
+                now,
+                initial_twin=decision.initial_twin,
+                payload=decision.payload,
+            )
+        except EmulatorError as exc:
+            log.error("registration %s: cannot assign: %s", identity.registration_id, exc)
+            operation.status = self._failed(
+                identity, ERROR_CUSTOM_ALLOCATION_FAILED, f"Custom allocation failed: {exc}", now
+            )
+        return True
+
+    def _failed(
+        self, identity: DpsIdentity, error_code: int, message: str, now: float
+    ) -> OperationStatus:
+        """Record a failed registration and return its final operation status."""
+        record = self._record(
+            identity, "failed", None, None, None, None, now, error=(error_code, message)
         )
-        previous = self.store.get_registration(identity.registration_id)
-        moved = previous is not None and previous.assigned_hub not in (None, hub)
-        substatus = "deviceDataMigrated" if moved else "initialAssignment"
-        record = self._record(identity, "assigned", hub, device_id, substatus, None, now)
+        state = RegistrationState(
+            registration_id=identity.registration_id,
+            status="failed",
+            error_code=error_code,
+            error_message=message,
+            created=record.created,
+            last_updated=record.last_updated,
+            etag=record.etag,
+        )
+        return OperationStatus(None, "failed", state)
+
+    @staticmethod
+    def _device_id(
+        identity: DpsIdentity, enrollment: IndividualEnrollment | EnrollmentGroup
+    ) -> str:
+        """The hub device id: an individual enrollment's ``deviceId``, else the registration id."""
+        if isinstance(enrollment, IndividualEnrollment) and enrollment.device_id:
+            return enrollment.device_id
+        return identity.registration_id
+
+    def _current_assignment(
+        self,
+        identity: DpsIdentity,
+        enrollment: IndividualEnrollment | EnrollmentGroup,
+        linked: list[LinkedHub],
+    ) -> tuple[str | None, str | None]:
+        """The linked hub the device's identity lives on now, and its device id (or Nones)."""
+        device_id = self._device_id(identity, enrollment)
+        device = HubStore.attached(self.store).get_device(device_id)
+        if device is None or device.hub not in {hub.name for hub in linked}:
+            return None, None
+        return device.hub, device.device_id
+
+    def _complete(
+        self,
+        identity: DpsIdentity,
+        enrollment: IndividualEnrollment | EnrollmentGroup,
+        hub: str,
+        now: float,
+        *,
+        initial_twin: dict[str, Any] | None = None,
+        payload: Any = None,
+    ) -> OperationStatus:
+        """Assign the device to ``hub`` as its reprovision policy allows, create or move its hub
+        identity, record the registration, and return the final operation status.
+
+        Reprovisioning (a device that already has an identity on a linked hub):
+        ``updateHubAssignment: false`` keeps it where it is; moving to another hub migrates the
+        twin (``deviceDataMigrated``) or, with ``migrateDeviceData: false``, starts it again from
+        the initial twin (``deviceDataReset``); moving back to a hub the device was on before is
+        ``reprovisionedToInitialAssignment``. Staying on the same hub is ``initialAssignment``.
+        """
+        device_id = self._device_id(identity, enrollment)
+        linked = self.store.list_linked_hubs()
+        current_hub, _ = self._current_assignment(identity, enrollment, linked)
+        policy = enrollment.reprovision_policy or {}
+        update = policy.get("updateHubAssignment", True)
+        migrate = policy.get("migrateDeviceData", True)
+        substatus = "initialAssignment"
+        reset = False
+        if current_hub is not None and not update:
+            hub = current_hub
+        elif current_hub is not None and hub != current_hub:
+            reset = not migrate
+            if hub in self.store.registration_hubs(identity.registration_id):
+                substatus = "reprovisionedToInitialAssignment"
+            else:
+                substatus = "deviceDataMigrated" if migrate else "deviceDataReset"
         tpm_blob = self._tpm_hub_key(identity, enrollment)
         from .hub_service import register_assignment
 
@@ -394,7 +742,21 @@ class DpsService:
             device_key=identity.device_key,
             tpm_hub_key=self.hub_keys.get(identity.registration_id.lower()),
             now=now,
+            initial_twin=initial_twin,
+            reset_twin=reset,
         )
+        self.store.add_registration_hub(identity.registration_id, hub)
+        record = self._record(identity, "assigned", hub, device_id, substatus, payload, now)
+        if current_hub is not None and hub != current_hub:
+            log.info(
+                "registration %s moved from %s to %s (%s)",
+                identity.registration_id,
+                current_hub,
+                hub,
+                substatus,
+            )
+            if self.device_moved is not None:
+                self.device_moved(device_id)
         log.info("registration %s assigned to %s as %s", identity.registration_id, hub, device_id)
         state = RegistrationState(
             registration_id=identity.registration_id,
@@ -405,9 +767,11 @@ class DpsService:
             created=record.created,
             last_updated=record.last_updated,
             etag=record.etag,
+            payload=payload,
             symmetric_key_group=identity.enrollment_group_id,
             tpm_authentication_key=tpm_blob,
         )
+        state = self._certificate_state(identity, state, now)
         return OperationStatus(None, "assigned", state)
 
     def _tpm_hub_key(
@@ -425,17 +789,21 @@ class DpsService:
         return base64.b64encode(challenge.blob).decode("ascii")
 
     def _choose_hub(
-        self, registration_id: str, enrollment: IndividualEnrollment | EnrollmentGroup
+        self,
+        registration_id: str,
+        enrollment: IndividualEnrollment | EnrollmentGroup,
+        policy: str,
+        linked: list[LinkedHub],
+        candidates: list[LinkedHub],
     ) -> str | None:
-        """Static hub if the enrollment names one, else hashed over its (linked) hubs."""
-        linked = self.store.list_hubs()
-        if enrollment.iot_hub_host_name:
-            return enrollment.iot_hub_host_name if enrollment.iot_hub_host_name in linked else None
-        hubs = sorted(h for h in (enrollment.iot_hubs or linked) if h in linked)
-        if not hubs:
-            return None
-        digest = hashlib.sha256(registration_id.lower().encode("utf-8")).digest()
-        return hubs[int.from_bytes(digest[:8], "big") % len(hubs)]
+        """``static``: the enrollment's hub, if linked; ``geoLatency``: the lowest latency;
+        else ``hashed`` over the candidates, weighted by ``allocationWeight``."""
+        if policy == "static":
+            hub = static_hub(enrollment)
+            return hub if hub in {h.name for h in linked} else None
+        if policy == "geoLatency":
+            return choose_geo_latency(registration_id, candidates)
+        return choose_hashed(registration_id, candidates)
 
     def _record(
         self,
@@ -463,6 +831,9 @@ class DpsService:
             error_message=error[1] if error else None,
             enrollment_group_id=identity.enrollment_group_id,
             payload=payload,
+            x509=None
+            if identity.x509 is None
+            else {k: v for k, v in identity.x509.items() if v is not None},
         )
         self.store.put_registration(record)
         return record
@@ -490,6 +861,10 @@ class DpsService:
         operation = self._operations.get(operation_id)
         if operation is None or operation.registration_id != key:
             return _error(404, ERROR_OPERATION_NOT_FOUND, "operation not found", now)
+        if operation.status is None:  # the custom allocation webhook has not answered yet
+            state = RegistrationState(registration_id=identity.registration_id, status="assigning")
+            pending = OperationStatus(operation_id, "assigning", state)
+            return Answer(202, encode_json(pending), max(1, self.config.retry_after))
         if operation.polls_left > 0:
             operation.polls_left -= 1
             state = RegistrationState(registration_id=identity.registration_id, status="assigning")

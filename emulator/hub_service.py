@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,7 @@ from .models import (
     IndividualEnrollment,
     SymmetricKeyAttestation,
     TpmAttestation,
+    X509Attestation,
     utc_now_iso,
 )
 from .store import Store
@@ -86,6 +87,7 @@ __all__ = [
     "MethodInvocation",
     "MethodResponse",
     "PublishOutcome",
+    "add_device_thumbprint",
     "register_assignment",
 ]
 
@@ -205,12 +207,16 @@ def register_assignment(
     device_key: str,
     tpm_hub_key: str | None,
     now: float,
+    initial_twin: dict[str, Any] | None = None,
+    reset_twin: bool = False,
 ) -> None:
     """Create (or update) the hub identity of a device DPS has just assigned.
 
     Credentials follow Azure: an individual symmetric-key enrollment's two keys; a group's two keys
     derived for this registration id; for TPM the key delivered to the device for its hub. A new
-    device starts with the enrollment's initial twin; a known one keeps its twin.
+    device starts with ``initial_twin`` (a custom allocation webhook's) or else the enrollment's
+    initial twin; a known one keeps its twin unless ``reset_twin`` (reprovisioning with
+    ``migrateDeviceData: false``) starts it again from that initial twin.
     """
     attestation = enrollment.attestation
     auth_type = "sas"
@@ -228,16 +234,108 @@ def register_assignment(
             keys = [attestation.primary_key, attestation.secondary_key]
         if device_key not in keys:
             keys.append(device_key)
+    elif isinstance(attestation, X509Attestation):
+        auth_type = "certificateAuthority" if attestation.signing else "selfSigned"
+        keys = []
     else:
         keys = [device_key]
+    auth: dict[str, Any] = {"type": auth_type, "keys": keys}
+    if isinstance(attestation, X509Attestation):
+        auth.update(_x509_auth(attestation))
     created = HubStore.attached(store).register_device(
         device_id,
         hub,
-        {"type": auth_type, "keys": keys},
-        enrollment.initial_twin,
+        auth,
+        initial_twin if initial_twin is not None else enrollment.initial_twin,
         utc_now_iso(now),
+        reset_twin=reset_twin,
     )
     log.info("hub %s: device %s %s", hub, device_id, "created" if created else "updated")
+
+
+def _x509_auth(attestation: X509Attestation) -> dict[str, Any]:
+    """Hub credentials of an X.509 enrollment's devices: the device certificates' SHA-256
+    thumbprints (``selfSigned``), or the group's signing certificates (``certificateAuthority``:
+    any certificate they issued whose CN is the device id)."""
+    if attestation.signing:
+        return {"signers": list(attestation.certificates)}
+    from cryptography import x509
+
+    from .x509 import thumbprints
+
+    return {
+        "thumbprints": [
+            thumbprints(x509.load_pem_x509_certificate(pem.encode("ascii")))[1]
+            for pem in attestation.certificates
+        ]
+    }
+
+
+def add_device_thumbprint(store: Store, device_id: str, thumbprint: str) -> None:
+    """Let a device also connect with the certificate of this SHA-256 thumbprint (one DPS issued
+    from its CSR; it replaces the one issued before)."""
+    devices = HubStore.attached(store)
+    device = devices.get_device(device_id)
+    if device is None:
+        raise NotFoundError(f"device {device_id!r} does not exist")
+    auth = {**device.auth, "issuedThumbprints": [thumbprint.upper()]}
+    devices.register_device(device_id, device.hub, auth, None, device.created)
+
+
+def _strings(auth: Mapping[str, Any], *names: str) -> list[str]:
+    """The strings in the lists ``auth[name]`` (stored credentials), in order."""
+    out: list[str] = []
+    for name in names:
+        value = auth.get(name)
+        if isinstance(value, list):
+            out += [item for item in value if isinstance(item, str)]
+    return out
+
+
+def _certificate_problem(device: DeviceRecord, chain: Sequence[bytes], now: float) -> str | None:
+    """Why the device may not connect with this TLS client certificate chain (None: it may).
+
+    Accepted: a leaf (valid at ``now``) whose thumbprint the device's identity holds (its
+    enrollment's, or issued from its CSR), or whose CN is the device id and whose chain leads to
+    one of the identity's signing certificates (an X.509 group's CA or intermediate).
+    """
+    from cryptography import x509
+
+    from .x509 import (
+        CertificateRejected,
+        check_validity,
+        common_name,
+        load_chain,
+        matches_thumbprint,
+        verify_chain,
+    )
+
+    wanted = _strings(device.auth, "thumbprints", "issuedThumbprints")
+    signers = _strings(device.auth, "signers")
+    if not wanted and not signers:
+        return "the device has no X.509 credentials"
+    try:
+        certs = load_chain(chain)
+        leaf = certs[0]
+        check_validity(leaf, now, "the device certificate")
+        if matches_thumbprint(leaf, wanted):
+            return None
+        if not signers:
+            return "the certificate's thumbprint is not the device's"
+        name = common_name(leaf)
+        if name != device.device_id:
+            return f"the certificate's CN {name!r} is not the device id"
+        reasons = []
+        for pem in signers:
+            try:
+                verify_chain(certs, x509.load_pem_x509_certificate(pem.encode("ascii")), now)
+            except CertificateRejected as exc:
+                reasons.append(str(exc))
+                continue
+            return None
+        return "; ".join(reasons) or "no signing certificate"
+    except CertificateRejected as exc:
+        return str(exc)
 
 
 def _bad_request(message: str) -> HubServiceError:
@@ -267,9 +365,16 @@ class HubService:
     # -- CONNECT ------------------------------------------------------------------------------
 
     def authenticate(
-        self, client_id: str, username: str | None, password: bytes | None, now: float
+        self,
+        client_id: str,
+        username: str | None,
+        password: bytes | None,
+        now: float,
+        *,
+        client_chain: Sequence[bytes] = (),
     ) -> HubIdentity:
-        """Check a hub CONNECT; :class:`ConnectRefused` says why not (never naming a key)."""
+        """Check a hub CONNECT: a SAS token, or with an empty password the TLS client certificate
+        chain (DER, leaf first); :class:`ConnectRefused` says why not (never naming a key)."""
         if username is None:
             raise ConnectRefused(CONNACK_BAD_CREDENTIALS, "no username")
         try:
@@ -297,7 +402,14 @@ class HubService:
         if device.status != "enabled":
             raise ConnectRefused(CONNACK_SERVER_UNAVAILABLE, "the device is disabled")
         if not password:
-            raise ConnectRefused(CONNACK_NOT_AUTHORIZED, "no SAS token (X.509 is not emulated)")
+            if not client_chain:
+                raise ConnectRefused(
+                    CONNACK_NOT_AUTHORIZED, "neither a SAS token nor a client certificate"
+                )
+            problem = _certificate_problem(device, client_chain, now)
+            if problem is not None:
+                raise ConnectRefused(CONNACK_NOT_AUTHORIZED, f"invalid certificate: {problem}")
+            return HubIdentity(host, parsed.device_id, parsed.api_version, parsed.client_type)
         try:
             token = parse_sas_token(password.decode("utf-8"))
         except UnicodeDecodeError as exc:
@@ -430,6 +542,28 @@ class HubService:
             raise _device_not_found(device_id)
         return device
 
+    def set_device_status(self, device_id: str, body: object) -> DeviceRecord:
+        """Apply ``{"status": "enabled" | "disabled", "statusReason"?: str}`` (Azure's device
+        fields; others are ignored, a ``deviceId`` must match). 400 or 404 otherwise."""
+        self.require_device(device_id)
+        if not isinstance(body, dict):
+            raise _bad_request("the body must be a JSON object")
+        named = body.get("deviceId")
+        if named is not None and named != device_id:
+            raise _bad_request("deviceId in the body does not match the one in the path")
+        status = body.get("status")
+        if status not in ("enabled", "disabled"):
+            raise _bad_request('status must be "enabled" or "disabled"')
+        reason = body.get("statusReason")
+        if reason is not None and not isinstance(reason, str):
+            raise _bad_request("statusReason must be a string")
+        try:
+            self.devices.set_device_status(device_id, status)
+        except NotFoundError as exc:
+            raise _device_not_found(device_id) from exc
+        log.info("device %s %s", device_id, status)
+        return self.require_device(device_id)
+
     def device_view(self, device: DeviceRecord, connected: bool) -> dict[str, Any]:
         """A device identity as the service API shows it (Azure's ``Device`` shape)."""
         auth: dict[str, Any] = {"type": device.auth.get("type", "sas")}
@@ -438,6 +572,12 @@ class HubService:
             auth["symmetricKey"] = {
                 "primaryKey": keys[0],
                 "secondaryKey": keys[1] if len(keys) > 1 else None,
+            }
+        prints = _strings(device.auth, "thumbprints", "issuedThumbprints")
+        if prints:
+            auth["x509Thumbprint"] = {
+                "primaryThumbprint": prints[0],
+                "secondaryThumbprint": prints[1] if len(prints) > 1 else None,
             }
         return {
             "deviceId": device.device_id,

@@ -174,34 +174,51 @@ class HubStore:
         auth: dict[str, Any],
         initial_twin: dict[str, Any] | None,
         created: str,
+        *,
+        reset_twin: bool = False,
     ) -> bool:
         """Create a device (with its twin from ``initial_twin``) or update an existing one's hub
-        and credentials, keeping its status and twin. Returns True when it was created."""
+        and credentials, keeping its status and twin. Returns True when it was created.
+
+        A device that changes hub is a new identity there: its persistent MQTT session is
+        dropped. With ``reset_twin`` an existing device's twin starts again from
+        ``initial_twin`` (reported properties emptied, versions back to 1).
+        """
         with self._store._write() as conn:
             row = conn.execute(
-                "SELECT device_id FROM devices WHERE device_id = ?", (device_id,)
+                "SELECT hub FROM devices WHERE device_id = ?", (device_id,)
             ).fetchone()
             if row is not None:
                 conn.execute(
                     "UPDATE devices SET hub = ?, auth = ? WHERE device_id = ?",
                     (hub, _dumps(auth), device_id),
                 )
+                if reset_twin or str(row[0]) != hub:
+                    conn.execute("DELETE FROM sessions WHERE device_id = ?", (device_id,))
+                if reset_twin:
+                    self._write_initial_twin(conn, device_id, initial_twin)
                 return False
             conn.execute(
                 "INSERT INTO devices (device_id, hub, auth, status, created)"
                 " VALUES (?, ?, ?, 'enabled', ?)",
                 (device_id, hub, _dumps(auth), created),
             )
-            twin = initial_twin or {}
-            tags = twin.get("tags") or {}
-            properties = twin.get("properties") or {}
-            desired = properties.get("desired") or {}
-            conn.execute(
-                "INSERT OR REPLACE INTO twins (device_id, tags, desired, reported,"
-                " desired_version, reported_version) VALUES (?, ?, ?, '{}', 1, 1)",
-                (device_id, _dumps(tags), _dumps(desired)),
-            )
+            self._write_initial_twin(conn, device_id, initial_twin)
             return True
+
+    @staticmethod
+    def _write_initial_twin(
+        conn: sqlite3.Connection, device_id: str, initial_twin: dict[str, Any] | None
+    ) -> None:
+        twin = initial_twin or {}
+        tags = twin.get("tags") or {}
+        properties = twin.get("properties") or {}
+        desired = properties.get("desired") or {}
+        conn.execute(
+            "INSERT OR REPLACE INTO twins (device_id, tags, desired, reported,"
+            " desired_version, reported_version) VALUES (?, ?, ?, '{}', 1, 1)",
+            (device_id, _dumps(tags), _dumps(desired)),
+        )
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
         """The device with exactly this (case-sensitive) id, or None."""

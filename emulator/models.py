@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar, Union
+from urllib.parse import urlsplit
 
 from .errors import ValidationError
 
@@ -32,6 +33,7 @@ __all__ = [
     "RegistrationRecord",
     "SymmetricKeyAttestation",
     "TpmAttestation",
+    "X509Attestation",
     "new_etag",
     "utc_now_iso",
     "validate_base64_key",
@@ -40,6 +42,7 @@ __all__ = [
     "validate_host_name",
     "validate_initial_twin",
     "validate_registration_id",
+    "validate_webhook_url",
 ]
 
 PROVISIONING_STATUSES = ("enabled", "disabled")
@@ -52,7 +55,7 @@ REGISTRATION_SUBSTATUSES = (
     "reprovisionedToInitialAssignment",
 )
 #: Attestation types Azure knows but the emulator does not implement yet.
-UNSUPPORTED_ATTESTATION_TYPES = ("x509", "none")
+UNSUPPORTED_ATTESTATION_TYPES = ("none",)
 
 MAX_ID_LENGTH = 128
 MIN_KEY_BYTES = 16
@@ -356,6 +359,43 @@ def _validate_reprovision_policy(value: object, field: str) -> dict[str, bool] |
     }
 
 
+def validate_webhook_url(value: object, field: str = "webhookUrl") -> str:
+    """An ``http`` or ``https`` URL with a host, at most 2048 ASCII characters (Azure requires
+    https; the emulator also takes http, for webhooks on the local machine)."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(f"{field} must be an http(s) URL")
+    if len(value) > 2048 or not value.isascii() or any(c.isspace() for c in value):
+        raise ValidationError(f"{field} must be an http(s) URL of at most 2048 ASCII characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValidationError(f"{field} is not a usable URL: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError(f"{field} must be an http:// or https:// URL with a host")
+    if port == 0:
+        raise ValidationError(f"{field} must not use port 0")
+    return value
+
+
+def _validate_custom_allocation(value: object, field: str) -> dict[str, str] | None:
+    """``customAllocationDefinition {webhookUrl, apiVersion}`` (apiVersion optional here)."""
+    if value is None:
+        return None
+    definition = _require_object(value, field)
+    extra = sorted(str(key) for key in definition if key not in ("webhookUrl", "apiVersion"))
+    if extra:
+        raise ValidationError(f"{field} has an unknown field {extra[0]!r}")
+    url = validate_webhook_url(definition.get("webhookUrl"), f"{field}.webhookUrl")
+    result = {"webhookUrl": url}
+    api_version = _opt_str(definition, "apiVersion", field)
+    if api_version is not None:
+        if not api_version or len(api_version) > 64 or not api_version.isascii():
+            raise ValidationError(f"{field}.apiVersion must be a short API version string")
+        result["apiVersion"] = api_version
+    return result
+
+
 def _check_capabilities(data: Mapping[str, Any]) -> None:
     """Refuse IoT Edge enrollments (not emulated) rather than provision a plain device."""
     value = data.get("capabilities")
@@ -403,8 +443,38 @@ class TpmAttestation:
         return {"type": self.TYPE, "tpm": body}
 
 
-#: Every attestation the emulator implements; grows into a wider Union when X.509 arrives.
-Attestation = Union[SymmetricKeyAttestation, TpmAttestation]
+@dataclass
+class X509Attestation:
+    """X.509 attestation, certificates as PEM: an individual enrollment's device certificate(s)
+    (``clientCertificates``), or a group's CA or intermediate (``signingCertificates``) that
+    signed its devices' certificates. Checked with ``cryptography`` (:mod:`emulator.x509`)."""
+
+    TYPE: ClassVar[str] = "x509"
+
+    primary: str
+    secondary: str | None = None
+    #: True for ``signingCertificates`` (groups), False for ``clientCertificates``.
+    signing: bool = False
+
+    @property
+    def certificates(self) -> list[str]:
+        """The primary and (if any) secondary certificate, PEM."""
+        return [self.primary] if self.secondary is None else [self.primary, self.secondary]
+
+    def to_json(self) -> dict[str, Any]:
+        """Azure's ``AttestationMechanism`` object: each certificate with its ``info``."""
+        from .x509 import pem_certificate_info
+
+        section: dict[str, Any] = {}
+        for name, pem in (("primary", self.primary), ("secondary", self.secondary)):
+            if pem is not None:
+                section[name] = {"certificate": pem, "info": pem_certificate_info(pem)}
+        kind = "signingCertificates" if self.signing else "clientCertificates"
+        return {"type": self.TYPE, "x509": {kind: section}}
+
+
+#: Every attestation the emulator implements.
+Attestation = Union[SymmetricKeyAttestation, TpmAttestation, X509Attestation]
 
 _AttestationParser = Callable[[Mapping[str, Any], str, Callable[[], str]], Attestation]
 
@@ -457,10 +527,50 @@ def _parse_tpm(
     return TpmAttestation(endorsement_key=ek, storage_root_key=srk)
 
 
-#: Attestation type name -> parser of its body; add ``x509`` here.
+def _parse_x509(
+    body: Mapping[str, Any], field: str, generate_key: Callable[[], str]
+) -> X509Attestation:
+    """Parse ``x509``: exactly one of ``clientCertificates`` or ``signingCertificates``, each with
+    a ``primary`` and an optional ``secondary`` ``{certificate}`` (PEM or base64 DER)."""
+    del generate_key
+    if body.get("caReferences") is not None:
+        raise ValidationError(
+            f"{field}.caReferences (CA certificates uploaded to DPS) are not emulated; give the"
+            " CA itself in signingCertificates"
+        )
+    client, signing = body.get("clientCertificates"), body.get("signingCertificates")
+    if (client is None) == (signing is None):
+        raise ValidationError(
+            f"{field} needs exactly one of clientCertificates or signingCertificates"
+        )
+    kind = "clientCertificates" if client is not None else "signingCertificates"
+    section = _require_object(client if client is not None else signing, f"{field}.{kind}")
+    from .x509 import normalise_certificate
+
+    pems: list[str | None] = []
+    for name in ("primary", "secondary"):
+        entry = section.get(name)
+        where = f"{field}.{kind}.{name}"
+        if entry is None:
+            if name == "primary":
+                raise ValidationError(f"{where} is required")
+            pems.append(None)
+            continue
+        entry = _require_object(entry, where)
+        pems.append(
+            normalise_certificate(
+                entry.get("certificate"), f"{where}.certificate", ca=signing is not None
+            )
+        )
+    assert pems[0] is not None
+    return X509Attestation(primary=pems[0], secondary=pems[1], signing=signing is not None)
+
+
+#: Attestation type name -> parser of its body.
 _ATTESTATION_PARSERS: dict[str, _AttestationParser] = {
     SymmetricKeyAttestation.TYPE: _parse_symmetric_key,
     TpmAttestation.TYPE: _parse_tpm,
+    X509Attestation.TYPE: _parse_x509,
 }
 _ATTESTATION_BODIES = ("symmetricKey", "tpm", "x509")
 
@@ -485,7 +595,16 @@ def _parse_attestation(
             raise ValidationError(f"attestation.{other} does not match attestation type {kind!r}")
     body = attestation.get(kind)
     body = {} if body is None else _require_object(body, f"attestation.{kind}")
-    return parser(body, f"attestation.{kind}", generate_key)
+    parsed = parser(body, f"attestation.{kind}", generate_key)
+    if isinstance(parsed, X509Attestation) and parsed.signing != group:
+        raise ValidationError(
+            "enrollment groups take attestation.x509.signingCertificates (the CA or intermediate"
+            " that signs device certificates)"
+            if group
+            else "individual enrollments take attestation.x509.clientCertificates (the device"
+            " certificate)"
+        )
+    return parsed
 
 
 # ---------------------------------------------------------------------------- enrollments
@@ -501,6 +620,7 @@ class _EnrollmentFields:
     allocation_policy: str | None
     iot_hubs: list[str] | None
     reprovision_policy: dict[str, bool] | None
+    custom_allocation_definition: dict[str, str] | None
     etag: str
     created: str
     last_updated: str
@@ -518,6 +638,9 @@ class _EnrollmentFields:
             iot_hubs=_validate_hub_list(data.get("iotHubs"), "iotHubs"),
             reprovision_policy=_validate_reprovision_policy(
                 data.get("reprovisionPolicy"), "reprovisionPolicy"
+            ),
+            custom_allocation_definition=_validate_custom_allocation(
+                data.get("customAllocationDefinition"), "customAllocationDefinition"
             ),
             etag=_opt_etag(data),
             created=_opt_timestamp(data, "createdDateTimeUtc", now),
@@ -537,6 +660,7 @@ def _common_json(
     etag: str,
     created: str,
     last_updated: str,
+    custom_allocation_definition: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     _put(out, "iotHubHostName", iot_hub_host_name)
     _put(out, "initialTwin", initial_twin)
@@ -544,6 +668,11 @@ def _common_json(
     _put(out, "allocationPolicy", allocation_policy)
     _put(out, "iotHubs", None if iot_hubs is None else list(iot_hubs))
     _put(out, "reprovisionPolicy", None if reprovision_policy is None else dict(reprovision_policy))
+    _put(
+        out,
+        "customAllocationDefinition",
+        None if custom_allocation_definition is None else dict(custom_allocation_definition),
+    )
     _put(out, "etag", etag)
     _put(out, "createdDateTimeUtc", created)
     _put(out, "lastUpdatedDateTimeUtc", last_updated)
@@ -566,6 +695,7 @@ class IndividualEnrollment:
     etag: str = ""
     created: str = ""
     last_updated: str = ""
+    custom_allocation_definition: dict[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Azure's ``IndividualEnrollment`` JSON (absent values omitted)."""
@@ -583,6 +713,7 @@ class IndividualEnrollment:
             etag=self.etag,
             created=self.created,
             last_updated=self.last_updated,
+            custom_allocation_definition=self.custom_allocation_definition,
         )
 
     @classmethod
@@ -609,6 +740,7 @@ class IndividualEnrollment:
             etag=fields.etag,
             created=fields.created,
             last_updated=fields.last_updated,
+            custom_allocation_definition=fields.custom_allocation_definition,
         )
 
 
@@ -627,6 +759,7 @@ class EnrollmentGroup:
     etag: str = ""
     created: str = ""
     last_updated: str = ""
+    custom_allocation_definition: dict[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Azure's ``EnrollmentGroup`` JSON (absent values omitted)."""
@@ -645,6 +778,7 @@ class EnrollmentGroup:
             etag=self.etag,
             created=self.created,
             last_updated=self.last_updated,
+            custom_allocation_definition=self.custom_allocation_definition,
         )
 
     @classmethod
@@ -668,6 +802,7 @@ class EnrollmentGroup:
             etag=fields.etag,
             created=fields.created,
             last_updated=fields.last_updated,
+            custom_allocation_definition=fields.custom_allocation_definition,
         )
 
 
@@ -690,6 +825,8 @@ class RegistrationRecord:
     error_message: str | None = None
     enrollment_group_id: str | None = None
     payload: Any = None
+    #: ``registrationState.x509`` of an X.509 device (``certificateInfo``, ``enrollmentGroupId``).
+    x509: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Azure's ``DeviceRegistrationResult`` JSON (absent values omitted)."""
@@ -705,6 +842,9 @@ class RegistrationRecord:
         _put(out, "etag", self.etag)
         if self.payload is not None:
             out["payload"] = self.payload
+        if self.x509 is not None:
+            out["x509"] = dict(self.x509)
+            return out
         out["symmetricKey"] = (
             {}
             if self.enrollment_group_id is None
@@ -737,6 +877,14 @@ class RegistrationRecord:
             group = _require_object(symmetric_key, "symmetricKey").get("enrollmentGroupId")
             if group is not None:
                 group_id = validate_enrollment_group_id(group)
+        x509_state = obj.get("x509")
+        if x509_state is not None:
+            x509_state = dict(_require_object(x509_state, "x509"))
+            _check_json_value(x509_state, "x509", 0, MAX_JSON_DEPTH, twin=False)
+            _check_encodable(x509_state, "x509")
+            group = x509_state.get("enrollmentGroupId")
+            if group is not None:
+                group_id = validate_enrollment_group_id(group)
         return cls(
             registration_id=registration_id,
             status=status,
@@ -750,4 +898,5 @@ class RegistrationRecord:
             error_message=_opt_str(obj, "errorMessage"),
             enrollment_group_id=group_id,
             payload=payload,
+            x509=x509_state,
         )

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from .client_trust import peer_chain
 from .mqtt_codec import (
     CONNACK_ACCEPTED,
     CONNACK_REFUSED_PROTOCOL_VERSION,
@@ -120,6 +121,8 @@ class MqttConnection:
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.client_id = ""
+        #: The TLS client certificate chain the client presented (DER, leaf first), if any.
+        self.peer_chain = peer_chain(writer.get_extra_info("ssl_object"))
         #: Set by ``authenticate`` when a persistent session is resumed (CONNACK session present).
         self.session_present = False
 

@@ -76,7 +76,11 @@ class ConnectionRouter:
         try:
             if "/registrations/" in username:
                 identity = self.dps.authenticate(
-                    connect.client_id, connect.username, connect.password, now
+                    connect.client_id,
+                    connect.username,
+                    connect.password,
+                    now,
+                    client_chain=conn.peer_chain,
                 )
                 return DpsSession(self.dps, identity, conn)
             return self.hub.open_session(connect, conn, now)
@@ -313,7 +317,11 @@ class HubRuntime:
     def open_session(self, connect: Connect, conn: MqttConnection, now: float) -> HubSession:
         """Authenticate a hub CONNECT and attach its session; :class:`ConnectRefused` if not."""
         identity = self.service.authenticate(
-            connect.client_id, connect.username, connect.password, now
+            connect.client_id,
+            connect.username,
+            connect.password,
+            now,
+            client_chain=conn.peer_chain,
         )
         device_id = identity.device_id
         old = self._sessions.pop(device_id, None)
@@ -370,6 +378,21 @@ class HubRuntime:
         """Whether the device has a live connection (a dict lookup, safe from any thread)."""
         return device_id in self._sessions
 
+    def disconnect_device(self, device_id: str, reason: str = "its identity moved") -> bool:
+        """Close the device's live connection, if it has one (on the loop). True if it had."""
+        session = self._sessions.pop(device_id, None)
+        if session is None:
+            return False
+        session.drop(reason)
+        return True
+
+    def disconnect_hub(self, hub: str) -> int:
+        """Close every live connection to ``hub`` (on the loop); how many there were."""
+        doomed = [d for d, session in self._sessions.items() if session.identity.hub == hub]
+        for device_id in doomed:
+            self.disconnect_device(device_id, f"the hub {hub} was unlinked")
+        return len(doomed)
+
     # -- service API (any thread) -------------------------------------------------------------
 
     def list_devices(self) -> list[dict[str, Any]]:
@@ -387,6 +410,28 @@ class HubRuntime:
     def get_twin(self, device_id: str) -> dict[str, Any]:
         """One device twin (404 if unknown)."""
         return self.service.twin_view(device_id, self.is_connected(device_id))
+
+    def set_device_status(self, device_id: str, body: Any) -> dict[str, Any]:
+        """Enable or disable a device identity (``{"status": "enabled" | "disabled"}``); disabling
+        closes its live connection, and its next CONNECT is refused (CONNACK 3)."""
+
+        async def run() -> dict[str, Any]:
+            device = self.service.set_device_status(device_id, body)
+            if device.status == "disabled" and self.disconnect_device(
+                device_id, "the device was disabled"
+            ):
+                log.info("device %s disabled: its connection was closed", device_id)
+            return self.service.device_view(device, self.is_connected(device_id))
+
+        return self._on_loop(run, _LOOP_MARGIN)
+
+    def unlink_hub(self, hub: str) -> None:
+        """Close the live connections of a hub that was just unlinked (any thread)."""
+
+        async def run() -> None:
+            self.disconnect_hub(hub)
+
+        self._on_loop(run, _LOOP_MARGIN)
 
     def telemetry(self, device_id: str, since: int, limit: int) -> list[dict[str, Any]]:
         """Stored telemetry after ``since`` (404 if the device is unknown)."""

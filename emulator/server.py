@@ -15,18 +15,31 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from .certs import CertPaths, ensure_certificates, server_ssl_context
+from .allocation import (
+    SERVICE_POLICIES,
+    LinkedHub,
+    LinkedHubRegistry,
+    WebhookRunner,
+    validate_allocation_weight,
+    validate_latency,
+)
+from .certs import CertPaths, ensure_certificates
+from .client_trust import ClientTrust
 from .config import EmulatorConfig
 from .dps_https import DpsHttpsServer
 from .dps_service import Answer, DpsConfig, DpsService
+from .errors import EmulatorError, ValidationError
 from .hub_service import HubConfig, HubService
+from .models import validate_host_name
 from .mqtt_server import MqttServer, ServerLimits
 from .router import ConnectionRouter, DpsSession, HubRuntime, TelemetryForwarder
 from .service_api import ServiceApi
 from .store import Store
+from .x509 import CertificateIssuer
 
 __all__ = ["DpsSession", "Emulator", "EmulatorThread", "run_foreground"]
 
@@ -46,8 +59,15 @@ class Emulator:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        # Checked first: a bad route URL must fail before anything is opened.
+        # Checked first: a bad route URL or hub setting must fail before anything is opened.
         forwarder = TelemetryForwarder(config.route_to) if config.route_to else None
+        hub_settings = _hub_settings(config)
+        allocation_policy = (dps_config or config).allocation_policy
+        if allocation_policy not in SERVICE_POLICIES:
+            raise EmulatorError(
+                f"the service allocation policy must be one of {', '.join(SERVICE_POLICIES)};"
+                f" got {allocation_policy!r}"
+            )
         self._clock = clock
         self._limits = limits or ServerLimits()
         self._temp_dir: Path | None = None
@@ -62,19 +82,38 @@ class Emulator:
         self.store = Store(store_path)
         for hub in config.hubs:
             self.store.add_hub(hub)
-        dps = dps_config or DpsConfig(id_scope=config.id_scope, retry_after=config.retry_after)
+        for hub_setting in hub_settings:
+            self.store.put_hub(hub_setting)
+        dps = dps_config or DpsConfig(
+            id_scope=config.id_scope,
+            retry_after=config.retry_after,
+            allocation_policy=config.allocation_policy,
+            webhook_timeout=config.webhook_timeout,
+        )
         self.dps = DpsService(self.store, dps)
         self.hub = HubService(
             self.store, hub_config or HubConfig(telemetry_keep=config.telemetry_keep)
         )
         self.hub_runtime = HubRuntime(self.hub, forwarder, clock)
         self.router = ConnectionRouter(self.dps, self.hub_runtime)
+        # Custom allocation webhooks run in worker threads; DPS hears back on the loop.
+        self._webhooks = WebhookRunner(self.dps.complete_allocation, clock)
+        self.dps.allocation_listener = self._start_webhooks
+        self.dps.device_moved = self.hub_runtime.disconnect_device
+        # Hubs linked at run time in an earlier run are in the store: cover them too.
         self.certs: CertPaths = ensure_certificates(
-            self.state_dir, _cert_names(config), _cert_addresses(config)
+            self.state_dir, _cert_names(config, self.store.list_hubs()), _cert_addresses(config)
         )
+        #: DNS names the server certificate covers (hubs linked at run time must be among them).
+        self.certificate_names = _certificate_dns_names(self.certs.server_cert)
+        # TLS for both listeners: requests (never requires) a client certificate, trusting the
+        # emulator CA and the X.509 enrollments' certificates (see emulator.client_trust).
+        self.trust = ClientTrust(self.certs, self.store)
+        # Certificates for register requests with a CSR are signed by the emulator's CA.
+        self.dps.issuer = CertificateIssuer.from_paths(self.certs)
         self._mqtt = MqttServer(
             self.router.authenticate,
-            server_ssl_context(self.certs),
+            self.trust.context,
             limits=self._limits,
             clock=clock,
         )
@@ -82,6 +121,9 @@ class Emulator:
             self.store, self.info, host=config.host, port=config.api_port, clock=clock
         )
         self.api.add_hub_routes(self.hub_runtime)
+        self.api.add_linked_hub_routes(
+            LinkedHubRegistry(self.store, self.certificate_names, self.hub_runtime.unlink_hub)
+        )
         self.mqtt_port = config.mqtt_port
         self.https: DpsHttpsServer | None = None
         #: The event loop the emulator runs on (set by :meth:`start`).
@@ -101,6 +143,10 @@ class Emulator:
     def connection_count(self) -> int:
         """MQTT connections open right now."""
         return self._mqtt.connection_count
+
+    def _start_webhooks(self) -> None:
+        """DPS queued webhook calls (we are on the loop): run them off the loop."""
+        self._webhooks.submit(self.dps.take_allocation_calls(), self.dps.config.webhook_timeout)
 
     def info(self) -> dict[str, Any]:
         """What a client needs to know to use this emulator."""
@@ -142,7 +188,7 @@ class Emulator:
         self.mqtt_port = await self._mqtt.start(self.config.host, self.config.mqtt_port)
         self.https = DpsHttpsServer(
             self.dps,
-            server_ssl_context(self.certs),
+            self.trust.context,
             run_on_loop,
             self._clock,
             host=self.config.host,
@@ -157,6 +203,7 @@ class Emulator:
     async def stop(self) -> None:
         """Stop serving, close every connection and the store."""
         await self._mqtt.stop()
+        await self._webhooks.close()
         self.hub_runtime.attach(None)
         loop = asyncio.get_running_loop()
         if self.https is not None:
@@ -169,9 +216,46 @@ class Emulator:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
 
 
-def _cert_names(config: EmulatorConfig) -> list[str]:
+def _hub_settings(config: EmulatorConfig) -> list[LinkedHub]:
+    """The configured allocation weights and latencies, for hubs among ``config.hubs``
+    (validated: :class:`EmulatorError` names the bad one)."""
+    hubs = {hub.lower() for hub in config.hubs}
+    weights = {name.lower(): value for name, value in config.hub_weights.items()}
+    latencies = {name.lower(): value for name, value in config.hub_latencies.items()}
+    settings: list[LinkedHub] = []
+    for name in sorted({*weights, *latencies}):
+        if name not in hubs:
+            raise EmulatorError(f"hub {name!r} has a weight or latency but is not a linked hub")
+        try:
+            settings.append(
+                LinkedHub(
+                    validate_host_name(name, "hub name"),
+                    validate_allocation_weight(weights.get(name, 1), f"weight of {name}"),
+                    validate_latency(latencies.get(name), f"latency of {name}"),
+                )
+            )
+        except ValidationError as exc:
+            raise EmulatorError(str(exc)) from exc
+    return settings
+
+
+def _certificate_dns_names(path: Path) -> list[str]:
+    """The DNS names in a PEM certificate's subjectAltName (empty if it cannot be read)."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        log.warning("cannot read the names of %s: %s", path, exc)
+        return []
+    return [str(name) for name in san.get_values_for_type(x509.DNSName)]
+
+
+def _cert_names(config: EmulatorConfig, stored_hubs: Sequence[str] = ()) -> list[str]:
     names: list[str] = []
-    for name in (*config.hostnames, *config.hubs, "localhost"):
+    hubs = [hub.partition(":")[0] for hub in (*config.hubs, *stored_hubs)]  # no ":port"
+    for name in (*config.hostnames, *hubs, "localhost"):
         if _is_ip(name) or name in names:
             continue
         names.append(name)

@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, unquote
 from hub_proto.errors import HubParseError
 from hub_proto.topics import check_id
 
+from .allocation import static_hub
 from .errors import ConflictError, EmulatorError, NotFoundError, ValidationError
 from .hub_service import HubServiceError
 from .models import (
@@ -48,6 +49,7 @@ __all__ = [
     "ApiError",
     "Handler",
     "HubApi",
+    "LinkedHubApi",
     "Request",
     "Response",
     "ServiceApi",
@@ -176,6 +178,27 @@ class HubApi(Protocol):
 
     def telemetry(self, device_id: str, since: int, limit: int) -> list[dict[str, Any]]:
         """Stored telemetry after sequence number ``since``."""
+        ...
+
+    def set_device_status(self, device_id: str, body: Any) -> dict[str, Any]:
+        """Enable or disable a device identity; the device."""
+        ...
+
+
+class LinkedHubApi(Protocol):
+    """What the linked-hub routes call (:class:`emulator.allocation.LinkedHubRegistry`),
+    raising :class:`ValidationError` (400) or :class:`NotFoundError` (404)."""
+
+    def list_linked_hubs(self) -> list[dict[str, Any]]:
+        """Every linked hub with its allocation settings."""
+        ...
+
+    def put_linked_hub(self, name: str, body: Any) -> dict[str, Any]:
+        """Link a hub or change its settings; the stored hub."""
+        ...
+
+    def remove_linked_hub(self, name: str) -> None:
+        """Unlink a hub."""
         ...
 
 
@@ -434,7 +457,8 @@ class ServiceApi:
         (``{"methodName", "payload", "responseTimeoutInSeconds"}``),
         ``POST /devices/{id}/messages/deviceBound`` (a JSON body, see
         :meth:`emulator.hub_service.HubService.parse_c2d_body`; 204) and
-        ``GET /devices/{id}/messages/events?since=SEQ&limit=N`` (stored telemetry, oldest first).
+        ``GET /devices/{id}/messages/events?since=SEQ&limit=N`` (stored telemetry, oldest first),
+        ``PATCH`` (or ``PUT``) ``/devices/{id}`` ``{"status": "enabled" | "disabled"}``.
         """
 
         def device_id(request: Request) -> str:
@@ -482,13 +506,40 @@ class ServiceApi:
             limit = _query_int(request, "limit", MAX_TELEMETRY_PAGE, 1, MAX_TELEMETRY_PAGE)
             return call(lambda: hub.telemetry(ident, since, limit))
 
+        def set_status(request: Request) -> Response:
+            ident = device_id(request)
+            body = request.json()
+            return call(lambda: hub.set_device_status(ident, body))
+
         self.add_route("GET", "/devices", list_devices)
         self.add_route("GET", "/devices/{deviceId}", get_device)
+        self.add_route("PATCH", "/devices/{deviceId}", set_status)
+        self.add_route("PUT", "/devices/{deviceId}", set_status)
         self.add_route("GET", "/twins/{deviceId}", get_twin)
         self.add_route("PATCH", "/twins/{deviceId}", patch_twin)
         self.add_route("POST", "/twins/{deviceId}/methods", invoke)
         self.add_route("POST", "/devices/{deviceId}/messages/deviceBound", send_c2d)
         self.add_route("GET", "/devices/{deviceId}/messages/events", telemetry)
+
+    def add_linked_hub_routes(self, hubs: LinkedHubApi) -> None:
+        """``GET /hubs`` (``[{"name", "allocationWeight", "latencyMs"}]``), ``PUT /hubs/{name}``
+        (``{"allocationWeight": 0..1000, "latencyMs": number | null}``, both optional) and
+        ``DELETE /hubs/{name}``."""
+
+        def list_hubs(request: Request) -> Response:
+            return Response(200, hubs.list_linked_hubs())
+
+        def put_hub(request: Request) -> Response:
+            body = request.json() if request.body else {}
+            return Response(200, hubs.put_linked_hub(request.params["name"], body))
+
+        def delete_hub(request: Request) -> Response:
+            hubs.remove_linked_hub(request.params["name"])
+            return Response(204)
+
+        self.add_route("GET", "/hubs", list_hubs)
+        self.add_route("PUT", "/hubs/{name}", put_hub)
+        self.add_route("DELETE", "/hubs/{name}", delete_hub)
 
     def _now(self) -> str:
         return utc_now_iso(self._clock())
@@ -497,7 +548,7 @@ class ServiceApi:
         return Response(200, self._info())
 
     def _list_hubs(self, request: Request) -> Response:
-        return Response(200, list(self._store.list_hubs()))
+        return Response(200, [hub.to_json() for hub in self._store.list_linked_hubs()])
 
     def _check_hubs(self, iot_hub_host_name: str | None, iot_hubs: list[str] | None) -> None:
         """Refuse hubs that are not linked (when any are), as Azure does."""
@@ -558,6 +609,7 @@ class ServiceApi:
         now = self._now()
         enrollment = IndividualEnrollment.from_json(data, now=now, generate_key=_generate_key)
         self._check_hubs(enrollment.iot_hub_host_name, enrollment.iot_hubs)
+        _check_allocation(enrollment)
         existing = self._store.get_enrollment(registration_id)
         expected = self._precondition(
             request.header("If-Match"),
@@ -607,6 +659,7 @@ class ServiceApi:
         now = self._now()
         group = EnrollmentGroup.from_json(data, now=now, generate_key=_generate_key)
         self._check_hubs(group.iot_hub_host_name, group.iot_hubs)
+        _check_allocation(group)
         existing = self._store.get_group(group_id)
         expected = self._precondition(
             request.header("If-Match"),
@@ -674,6 +727,19 @@ def _query_int(request: Request, name: str, default: int, minimum: int, maximum:
             400, ERROR_INVALID_ARGUMENT, f"{name} must be between {minimum} and {maximum}"
         )
     return value
+
+
+def _check_allocation(enrollment: IndividualEnrollment | EnrollmentGroup) -> None:
+    """Refuse allocation policies that lack what they need (a webhook, a hub)."""
+    policy = enrollment.allocation_policy
+    if policy == "custom" and enrollment.custom_allocation_definition is None:
+        raise ValidationError(
+            "allocationPolicy 'custom' needs customAllocationDefinition {webhookUrl, apiVersion}"
+        )
+    if policy == "static" and static_hub(enrollment) is None:
+        raise ValidationError(
+            "allocationPolicy 'static' needs iotHubHostName (or exactly one hub in iotHubs)"
+        )
 
 
 def _enrollment_not_found(registration_id: str) -> ApiError:

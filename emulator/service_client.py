@@ -16,7 +16,7 @@ from urllib.parse import quote, urlsplit
 
 from .errors import EmulatorError
 
-__all__ = ["ServiceApiError", "ServiceClient"]
+__all__ = ["REPROVISION_POLICIES", "ServiceApiError", "ServiceClient", "allocation_fields"]
 
 #: Largest answer the client reads (the API's lists can be long, but not unbounded).
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -49,6 +49,51 @@ def _symmetric_key_attestation(
     if secondary_key is not None:
         keys["secondaryKey"] = secondary_key
     return {"type": "symmetricKey", "symmetricKey": keys}
+
+
+def _x509_attestation(kind: str, primary: str, secondary: str | None) -> dict[str, Any]:
+    certificates: dict[str, Any] = {"primary": {"certificate": primary}}
+    if secondary is not None:
+        certificates["secondary"] = {"certificate": secondary}
+    return {"type": "x509", "x509": {kind: certificates}}
+
+
+#: ``reprovision`` shorthands and the ``reprovisionPolicy`` each stands for.
+REPROVISION_POLICIES = {
+    "migrate": {"updateHubAssignment": True, "migrateDeviceData": True},
+    "reset": {"updateHubAssignment": True, "migrateDeviceData": False},
+    "never": {"updateHubAssignment": False, "migrateDeviceData": False},
+}
+
+
+def allocation_fields(
+    *,
+    allocation_policy: str | None = None,
+    iot_hubs: list[str] | None = None,
+    webhook_url: str | None = None,
+    webhook_api_version: str = "2021-10-01",
+    reprovision: str | None = None,
+) -> dict[str, Any]:
+    """Enrollment fields for hub allocation: ``allocationPolicy`` (hashed, geoLatency, static,
+    custom), ``iotHubs``, ``customAllocationDefinition`` (from ``webhook_url``) and
+    ``reprovisionPolicy`` (``reprovision``: migrate, reset or never)."""
+    body: dict[str, Any] = {}
+    if allocation_policy is not None:
+        body["allocationPolicy"] = allocation_policy
+    if iot_hubs is not None:
+        body["iotHubs"] = list(iot_hubs)
+    if webhook_url is not None:
+        body["customAllocationDefinition"] = {
+            "webhookUrl": webhook_url,
+            "apiVersion": webhook_api_version,
+        }
+    if reprovision is not None:
+        if reprovision not in REPROVISION_POLICIES:
+            raise ServiceApiError(
+                0, None, f"reprovision must be one of {', '.join(REPROVISION_POLICIES)}"
+            )
+        body["reprovisionPolicy"] = dict(REPROVISION_POLICIES[reprovision])
+    return body
 
 
 class ServiceClient:
@@ -156,7 +201,30 @@ class ServiceClient:
 
     def list_hubs(self) -> list[str]:
         """Host names of the linked hubs."""
-        return [str(hub) for hub in self._get_list("/hubs")]
+        return [
+            str(hub.get("name")) if isinstance(hub, dict) else str(hub)
+            for hub in self._get_list("/hubs")
+        ]
+
+    def list_linked_hubs(self) -> list[dict[str, Any]]:
+        """The linked hubs: ``{"name", "allocationWeight", "latencyMs"}`` each."""
+        return [_as_object(item) for item in self._get_list("/hubs")]
+
+    def put_hub(
+        self, name: str, *, allocation_weight: int | None = None, latency_ms: float | None = None
+    ) -> dict[str, Any]:
+        """Link a hub (its name must be covered by the emulator's certificate) or replace its
+        settings: ``allocation_weight`` 0..1000 (default 1), ``latency_ms`` for ``geoLatency``."""
+        body: dict[str, Any] = {}
+        if allocation_weight is not None:
+            body["allocationWeight"] = allocation_weight
+        if latency_ms is not None:
+            body["latencyMs"] = latency_ms
+        return _as_object(self.request("PUT", f"/hubs/{_segment(name)}", body))
+
+    def remove_hub(self, name: str) -> None:
+        """Unlink a hub (its devices are disconnected; DPS no longer assigns to it)."""
+        self.request("DELETE", f"/hubs/{_segment(name)}")
 
     # individual enrollments
 
@@ -170,8 +238,12 @@ class ServiceClient:
         iot_hub_host_name: str | None = None,
         initial_twin: dict[str, Any] | None = None,
         provisioning_status: str = "enabled",
+        **allocation: Any,
     ) -> dict[str, Any]:
-        """Create (or replace) a symmetric-key enrollment; keys left out are generated."""
+        """Create (or replace) a symmetric-key enrollment; keys left out are generated.
+
+        ``allocation``: see :func:`allocation_fields` (policy, hubs, webhook, reprovisioning).
+        """
         body: dict[str, Any] = {
             "registrationId": registration_id,
             "attestation": _symmetric_key_attestation(primary_key, secondary_key),
@@ -183,6 +255,7 @@ class ServiceClient:
             body["iotHubHostName"] = iot_hub_host_name
         if initial_twin is not None:
             body["initialTwin"] = initial_twin
+        body.update(allocation_fields(**allocation))
         return self.put_enrollment(body)
 
     def put_enrollment(self, body: dict[str, Any], *, etag: str | None = None) -> dict[str, Any]:
@@ -216,8 +289,12 @@ class ServiceClient:
         iot_hub_host_name: str | None = None,
         initial_twin: dict[str, Any] | None = None,
         provisioning_status: str = "enabled",
+        **allocation: Any,
     ) -> dict[str, Any]:
-        """Create (or replace) a symmetric-key enrollment group; keys left out are generated."""
+        """Create (or replace) a symmetric-key enrollment group; keys left out are generated.
+
+        ``allocation``: see :func:`allocation_fields` (policy, hubs, webhook, reprovisioning).
+        """
         body: dict[str, Any] = {
             "enrollmentGroupId": group_id,
             "attestation": _symmetric_key_attestation(primary_key, secondary_key),
@@ -227,6 +304,64 @@ class ServiceClient:
             body["iotHubHostName"] = iot_hub_host_name
         if initial_twin is not None:
             body["initialTwin"] = initial_twin
+        body.update(allocation_fields(**allocation))
+        return self.put_group(body)
+
+    def create_x509_enrollment(
+        self,
+        registration_id: str,
+        certificate: str,
+        *,
+        secondary_certificate: str | None = None,
+        device_id: str | None = None,
+        iot_hub_host_name: str | None = None,
+        initial_twin: dict[str, Any] | None = None,
+        provisioning_status: str = "enabled",
+        **allocation: Any,
+    ) -> dict[str, Any]:
+        """Create (or replace) an X.509 individual enrollment: ``certificate`` is the device's
+        own certificate (PEM or base64 DER; its CN is the registration id)."""
+        body: dict[str, Any] = {
+            "registrationId": registration_id,
+            "attestation": _x509_attestation(
+                "clientCertificates", certificate, secondary_certificate
+            ),
+            "provisioningStatus": provisioning_status,
+        }
+        if device_id is not None:
+            body["deviceId"] = device_id
+        if iot_hub_host_name is not None:
+            body["iotHubHostName"] = iot_hub_host_name
+        if initial_twin is not None:
+            body["initialTwin"] = initial_twin
+        body.update(allocation_fields(**allocation))
+        return self.put_enrollment(body)
+
+    def create_x509_group(
+        self,
+        group_id: str,
+        certificate: str,
+        *,
+        secondary_certificate: str | None = None,
+        iot_hub_host_name: str | None = None,
+        initial_twin: dict[str, Any] | None = None,
+        provisioning_status: str = "enabled",
+        **allocation: Any,
+    ) -> dict[str, Any]:
+        """Create (or replace) an X.509 enrollment group: ``certificate`` is the root or
+        intermediate CA (PEM or base64 DER) that signed its devices' certificates."""
+        body: dict[str, Any] = {
+            "enrollmentGroupId": group_id,
+            "attestation": _x509_attestation(
+                "signingCertificates", certificate, secondary_certificate
+            ),
+            "provisioningStatus": provisioning_status,
+        }
+        if iot_hub_host_name is not None:
+            body["iotHubHostName"] = iot_hub_host_name
+        if initial_twin is not None:
+            body["initialTwin"] = initial_twin
+        body.update(allocation_fields(**allocation))
         return self.put_group(body)
 
     def put_group(self, body: dict[str, Any], *, etag: str | None = None) -> dict[str, Any]:
@@ -272,6 +407,12 @@ class ServiceClient:
     def get_device(self, device_id: str) -> dict[str, Any]:
         """One hub device identity, with ``connectionState`` and pending C2D count."""
         return self._get_object(f"/devices/{_segment(device_id)}")
+
+    def set_device_status(self, device_id: str, status: str) -> dict[str, Any]:
+        """Enable or disable a hub device identity (``"enabled"`` / ``"disabled"``); disabling
+        closes its connection and refuses its next ones."""
+        body = {"status": status}
+        return _as_object(self.request("PATCH", f"/devices/{_segment(device_id)}", body))
 
     def get_twin(self, device_id: str) -> dict[str, Any]:
         """A device twin: ``tags`` and ``properties.desired`` / ``properties.reported``."""

@@ -1,4 +1,5 @@
-"""Durable state of the emulator (linked hubs, enrollments, groups, registrations) in SQLite.
+"""Durable state of the emulator (linked hubs with their allocation weights and latencies,
+enrollments, groups, registrations and the hubs each device has been on) in SQLite.
 
 Records are stored as the JSON their ``to_json`` produces, keyed by their lower-case id. Every
 write is committed (``synchronous=FULL``) before the method returns, so nothing acknowledged is
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from .allocation import LinkedHub, validate_allocation_weight, validate_latency
 from .errors import ConflictError, EmulatorError, NotFoundError, ValidationError
 from .models import (
     EnrollmentGroup,
@@ -38,13 +40,24 @@ SCHEMA_VERSION = 1
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS hubs (name TEXT PRIMARY KEY)",
+    "CREATE TABLE IF NOT EXISTS hubs (name TEXT PRIMARY KEY,"
+    " allocation_weight INTEGER NOT NULL DEFAULT 1, latency_ms REAL)",
     "CREATE TABLE IF NOT EXISTS individual_enrollments"
     " (registration_id TEXT PRIMARY KEY, json TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS enrollment_groups (group_id TEXT PRIMARY KEY, json TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS registrations"
     " (registration_id TEXT PRIMARY KEY, json TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS registration_hubs (registration_id TEXT NOT NULL,"
+    " hub TEXT NOT NULL, PRIMARY KEY (registration_id, hub))",
 )
+#: Columns added to ``hubs`` after schema version 1 was first released (added in place).
+_HUB_COLUMNS = (
+    ("allocation_weight", "INTEGER NOT NULL DEFAULT 1"),
+    ("latency_ms", "REAL"),
+)
+
+#: Tables whose writes move :attr:`Store.enrollment_generation`.
+_ENROLLMENT_TABLES = ("individual_enrollments", "enrollment_groups")
 
 _T = TypeVar("_T")
 
@@ -69,6 +82,8 @@ class Store:
         """Open (creating if needed) the database at ``path``; ``":memory:"`` keeps nothing."""
         self._path = str(path)
         self._lock = threading.Lock()
+        #: Grows with every write of an enrollment or group (TLS anchors are re-read when it moves).
+        self.enrollment_generation = 0
         try:
             self._conn: sqlite3.Connection | None = sqlite3.connect(
                 self._path, check_same_thread=False, isolation_level=None
@@ -91,6 +106,10 @@ class Store:
             try:
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(hubs)").fetchall()}
+                for column, declaration in _HUB_COLUMNS:
+                    if column not in columns:
+                        conn.execute(f"ALTER TABLE hubs ADD COLUMN {column} {declaration}")
                 row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 if row is None:
                     conn.execute(
@@ -191,6 +210,8 @@ class Store:
             conn.execute(
                 f"INSERT OR REPLACE INTO {table} ({column}, json) VALUES (?, ?)", (key, text)
             )
+        if table in _ENROLLMENT_TABLES:
+            self.enrollment_generation += 1
 
     def _delete_row(
         self,
@@ -209,6 +230,8 @@ class Store:
             if expected_etag is not None and current_etag(str(row[0])) != expected_etag:
                 raise ConflictError(f"{what} {key!r} has changed (etag mismatch)")
             conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))
+        if table in _ENROLLMENT_TABLES:
+            self.enrollment_generation += 1
 
     @staticmethod
     def _etag_of(text: str) -> str:
@@ -231,6 +254,37 @@ class Store:
         with self._read() as conn:
             rows = conn.execute("SELECT name FROM hubs ORDER BY name").fetchall()
         return [str(row[0]) for row in rows]
+
+    def put_hub(self, hub: LinkedHub) -> LinkedHub:
+        """Link a hub, or change its allocation weight and latency; returns what was stored."""
+        stored = LinkedHub(
+            validate_host_name(hub.name, "hub name"),
+            validate_allocation_weight(hub.allocation_weight),
+            validate_latency(hub.latency_ms),
+        )
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO hubs (name, allocation_weight, latency_ms)"
+                " VALUES (?, ?, ?)",
+                (stored.name, stored.allocation_weight, stored.latency_ms),
+            )
+        return stored
+
+    def list_linked_hubs(self) -> list[LinkedHub]:
+        """The linked hubs with their allocation settings, by name."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT name, allocation_weight, latency_ms FROM hubs ORDER BY name"
+            ).fetchall()
+        return [
+            LinkedHub(str(row[0]), int(row[1]), None if row[2] is None else float(row[2]))
+            for row in rows
+        ]
+
+    def get_hub(self, name: str) -> LinkedHub | None:
+        """One linked hub (any case), or ``None``."""
+        hub = name.lower()
+        return next((h for h in self.list_linked_hubs() if h.name == hub), None)
 
     def remove_hub(self, name: str) -> None:
         """Unlink a hub; :class:`NotFoundError` if it is not linked."""
@@ -365,7 +419,7 @@ class Store:
         return [self._decode(text, RegistrationRecord.from_json, "registration") for text in rows]
 
     def delete_registration(self, registration_id: str) -> None:
-        """Delete a registration record; :class:`NotFoundError` if absent."""
+        """Delete a registration record (and its hub history); :class:`NotFoundError` if absent."""
         self._delete_row(
             "registrations",
             "registration_id",
@@ -374,3 +428,25 @@ class Store:
             None,
             self._etag_of,
         )
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM registration_hubs WHERE registration_id = ?",
+                (registration_id.lower(),),
+            )
+
+    def add_registration_hub(self, registration_id: str, hub: str) -> None:
+        """Remember that a device has been assigned to ``hub`` (for ``reprovisionedTo...``)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO registration_hubs (registration_id, hub) VALUES (?, ?)",
+                (registration_id.lower(), hub.lower()),
+            )
+
+    def registration_hubs(self, registration_id: str) -> list[str]:
+        """Every hub a device has been assigned to, by name."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT hub FROM registration_hubs WHERE registration_id = ? ORDER BY hub",
+                (registration_id.lower(),),
+            ).fetchall()
+        return [str(row[0]) for row in rows]

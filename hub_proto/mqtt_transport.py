@@ -112,6 +112,7 @@ _SHUTDOWN_GRACE = 5.0
 #: CONNACK meanings as this client words them (pointing at the hub credentials).
 _CONNACK_MEANINGS = {
     **CONNACK_MEANINGS,
+    3: "server unavailable (IoT Hub answers this to a disabled device)",
     4: "bad user name or password (check the hub name, device id and key)",
     5: "not authorized (check the hub name, device id and key)",
 }
@@ -131,20 +132,36 @@ class _TimedOut(Exception):
 # -- settings and credentials ---------------------------------------------------------------
 
 
-def _make_signer(symmetric_key: str | None, signer: Signer | None) -> Signer:
-    """The SAS signer: exactly one of a device key (base64) or a signer."""
-    require_one({"symmetric_key": symmetric_key, "signer": signer}, error=HubAuthError)
+def _make_signer(
+    symmetric_key: str | None, signer: Signer | None, client_cert: str | None = None
+) -> Signer | None:
+    """The SAS signer: exactly one of a device key (base64), a signer or (None: X.509) a client
+    certificate."""
+    require_one(
+        {"symmetric_key": symmetric_key, "signer": signer, "client_cert": client_cert},
+        error=HubAuthError,
+    )
     try:
-        the_signer = make_signer(symmetric_key=symmetric_key, signer=signer, error=HubAuthError)
+        return make_signer(symmetric_key=symmetric_key, signer=signer, error=HubAuthError)
     except SasError as exc:
         raise HubAuthError(f"symmetric_key is not usable: {exc}") from exc
-    assert the_signer is not None
-    return the_signer
 
 
-def _make_ssl_context(ca_file: str | None, ssl_context: ssl.SSLContext | None) -> ssl.SSLContext:
-    """TLS 1.2+ with certificate and host name checks; ``ssl_context`` wins over ``ca_file``."""
-    return client_ssl_context(ca_file, ssl_context, error=HubError)
+def _make_ssl_context(
+    ca_file: str | None,
+    ssl_context: ssl.SSLContext | None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+) -> ssl.SSLContext:
+    """TLS 1.2+ with certificate and host name checks; ``ssl_context`` wins over ``ca_file``;
+    with ``client_cert``, the X.509 client certificate (and ``client_key``) loaded."""
+    return client_ssl_context(
+        ca_file, ssl_context, error=HubError, client_cert=client_cert, client_key=client_key
+    )
+
+
+#: With X.509 there is no token to renew: the session's token lifetime is set this long.
+_X509_TOKEN_TTL = 10 * 365 * 86400
 
 
 @dataclass(frozen=True)
@@ -153,9 +170,17 @@ class _Settings:
 
     host: str
     port: int
-    signer: Signer = dataclasses.field(repr=False)
+    #: None with X.509 (the TLS client certificate authenticates; no password).
+    signer: Signer | None = dataclasses.field(repr=False)
     ssl_context: ssl.SSLContext = dataclasses.field(repr=False)
     keepalive: int
+    #: Where the socket connects when it is not ``host`` (see ``address`` of the clients).
+    address: str | None = None
+
+    @property
+    def target(self) -> str:
+        """The name or address the socket connects to (and TLS verifies)."""
+        return self.address or self.host
 
 
 def _method_result(result: object) -> tuple[int, bytes]:
@@ -475,7 +500,7 @@ class _Driver:
 
     # -- connections ------------------------------------------------------------------------
 
-    def _new_client(self, generation: int, password: str) -> mqtt.Client:
+    def _new_client(self, generation: int, password: str | None) -> mqtt.Client:
         session = self.session
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -539,11 +564,13 @@ class _Driver:
         settings, session = self.settings, self.session
         with self.lock:
             session.connect_started(now)
+        password: str | None = None
         try:
-            expiry = math.ceil(time.time()) + math.ceil(session.token_ttl)
-            password = sas_password(
-                session.host, session.device_id, settings.signer, expiry, session.module_id
-            )
+            if settings.signer is not None:
+                expiry = math.ceil(time.time()) + math.ceil(session.token_ttl)
+                password = sas_password(
+                    session.host, session.device_id, settings.signer, expiry, session.module_id
+                )
         except Exception as exc:  # a signer (e.g. a TPM) may fail in its own ways
             log.error("cannot sign a SAS token for %r: %s", session.client_id, exc)
             self.last_error = f"cannot sign a SAS token: {exc}"
@@ -555,18 +582,19 @@ class _Driver:
         adapter = AsyncioPahoAdapter(client, self._loop)
         self._client, self._adapter = client, adapter
         log.info(
-            "connecting to hub %s:%d as %r%s",
+            "connecting to hub %s:%d%s as %r%s",
             settings.host,
             settings.port,
+            f" via {settings.address}" if settings.address else "",
             session.client_id,
             f" (connection {self.connection_count + 1})" if self.connection_count else "",
         )
         try:
-            client.connect(settings.host, settings.port, keepalive=settings.keepalive)
+            client.connect(settings.target, settings.port, keepalive=settings.keepalive)
             set_nodelay(client)
         except (OSError, ValueError) as exc:
             self._drop_client()
-            self.last_error = connect_error_message(settings.host, settings.port, exc)
+            self.last_error = connect_error_message(settings.target, settings.port, exc)
             log.warning("%s", self.last_error)
             self._failed_attempt(time.monotonic(), None)
             return
@@ -966,6 +994,8 @@ class _ClientBase:
         *,
         symmetric_key: str | None = None,
         signer: Signer | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
         module_id: str | None = None,
         port: int = 8883,
         ca_file: str | None = None,
@@ -980,30 +1010,42 @@ class _ClientBase:
         backoff: BackoffPolicy | None = None,
         max_auth_failures: int = 3,
         request_timeout: float = 30.0,
+        address: str | None = None,
     ) -> None:
+        """``host`` is the hub's host name (it goes into the username and the SAS token's
+        resource); ``address``, when given, is where the socket connects instead, and what TLS
+        then verifies: the analogue of the Azure SDK's ``gateway_hostname``, e.g. an IoT Edge
+        gateway or a local emulator whose hub names do not resolve (``address="127.0.0.1"``).
+
+        Credentials: exactly one of ``symmetric_key``, ``signer`` (SAS tokens, renewed by
+        reconnecting) or ``client_cert`` (X.509: a PEM file with the device certificate, then
+        any intermediates; its key in ``client_key`` or the same file; the password stays empty
+        and nothing needs renewing)."""
         check_text("host", host, error=HubError)
+        if address is not None:
+            check_text("address", address, error=HubError)
         for what, value in (("device id", device_id), ("module id", module_id)):
             if isinstance(value, str) and ("+" in value or "#" in value):
                 raise HubError(f"a {what} with '+' or '#' cannot be used in MQTT topics")
         check_int("port", port, 1, 65535, error=HubError)
         check_int("token_ttl", token_ttl, 1, 10 * 365 * 86400, error=HubError)
         check_int("keepalive", keepalive, 1, 65535, error=HubError)
-        the_signer = _make_signer(symmetric_key, signer)
-        context = _make_ssl_context(ca_file, ssl_context)
+        the_signer = _make_signer(symmetric_key, signer, client_cert)
+        context = _make_ssl_context(ca_file, ssl_context, client_cert, client_key)
         session = HubSession(
             device_id,
             host=host,
             module_id=module_id,
             client_type=client_type,
             model_id=model_id,
-            token_ttl=float(token_ttl),
+            token_ttl=float(token_ttl if the_signer is not None else _X509_TOKEN_TTL),
             renew_margin=renew_margin,
             queue=queue,
             backoff=backoff,
             max_auth_failures=max_auth_failures,
             request_timeout=request_timeout,
         )
-        settings = _Settings(host, port, the_signer, context, keepalive)
+        settings = _Settings(host, port, the_signer, context, keepalive, address)
         spool = Spool(spool_path) if spool_path is not None else None
         try:
             self._driver = _Driver(settings, session, spool)
@@ -1021,14 +1063,24 @@ class _ClientBase:
         *,
         symmetric_key: str | None = None,
         signer: Signer | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
         **kwargs: Any,
     ) -> _C:
-        """A client for the hub and device id DPS assigned (other keywords as the constructor)."""
+        """A client for the hub and device id DPS assigned (other keywords as the constructor,
+        e.g. ``address="127.0.0.1"`` when the hub's name does not resolve, as with the
+        emulator's several hubs).
+
+        For a certificate DPS issued from a CSR, write :attr:`Assignment.issued_certificate_chain`
+        as PEM (:func:`dps_proto.chain_pem`) and pass that file as ``client_cert`` with the CSR's
+        key as ``client_key``."""
         return cls(
             assignment.assigned_hub,
             assignment.device_id,
             symmetric_key=symmetric_key,
             signer=signer,
+            client_cert=client_cert,
+            client_key=client_key,
             **kwargs,
         )
 
@@ -1098,8 +1150,10 @@ class _ClientBase:
     def _connect_error(self, timeout: float) -> HubError:
         settings = self._driver.settings
         detail = self._driver.last_error
+        via = f" via {settings.address}" if settings.address else ""
         return HubError(
-            f"could not connect to the hub {settings.host}:{settings.port} within {timeout:g} s"
+            f"could not connect to the hub {settings.host}:{settings.port}{via} within"
+            f" {timeout:g} s"
             + (f" ({detail})" if detail else "")
         )
 
