@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 ID_SCOPE = "0ne0000DEMO"
 GROUP_ID = "demo-sensors"
+X509_GROUP_ID = "demo-cameras"
 REGISTRATION_ID = "sensor-0001"
 _READY_LINE = "Press Ctrl-C to stop."
 
@@ -262,6 +263,92 @@ def _talk_to_hub(
         print(f"    device received {c2d[0].payload.decode()!r} {c2d[0].properties}", flush=True)
 
 
+def _make_device_pki(work: Path, registration_id: str) -> tuple[str, Path, Path]:
+    """A throwaway root CA (PEM text) and a device certificate + key it signed (files)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "demo fleet root CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, registration_id)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = work / f"{registration_id}.pem", work / f"{registration_id}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return ca.public_bytes(serialization.Encoding.PEM).decode(), cert_path, key_path
+
+
+def _x509_group_device(emulator: RunningEmulator, service: ServiceClient, work: Path) -> None:
+    """An X.509 enrollment group (a CA), one device with a certificate it signed, one message."""
+    from dps_proto import provision
+    from hub_proto import HubClient, Message
+
+    registration_id = "camera-0001"
+    ca_pem, cert, key = _make_device_pki(work, registration_id)
+    _step(f"creating the X.509 enrollment group {X509_GROUP_ID!r} (its root CA)")
+    service.create_x509_group(X509_GROUP_ID, ca_pem)
+    _step(f"provisioning {registration_id!r} over MQTT with its TLS client certificate")
+    assignment = provision(
+        provisioning_host="localhost",
+        port=emulator.mqtt_port,
+        ca_file=emulator.ca_file,
+        id_scope=ID_SCOPE,
+        registration_id=registration_id,
+        client_cert=str(cert),
+        client_key=str(key),
+        timeout=30,
+    )
+    print(f"    assigned to {assignment.assigned_hub} as {assignment.device_id}", flush=True)
+    hub = HubClient.from_assignment(
+        assignment,
+        client_cert=str(cert),
+        client_key=str(key),
+        port=emulator.mqtt_port,
+        ca_file=emulator.ca_file,
+    )
+    with hub:
+        hub.connect(timeout=30)
+        hub.wait_for(hub.send_message(Message(b'{"motion": true}')), timeout=10)
+    print(f"    the hub stored {len(service.telemetry(registration_id))} message(s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
     del argv
@@ -286,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(assignment.to_json(), indent=2), flush=True)
             _talk_to_hub(emulator, service, assignment, signer)
             stack.close()
+            if reason is None:
+                _step("a second device, from a symmetric-key enrollment group")
+                second, _ = _provision_with_group_key(emulator, service)
+                print(f"    assigned to {second.assigned_hub} as {second.device_id}", flush=True)
+            _x509_group_device(emulator, service, work)
         except (DpsError, HubError, TpmError, ServiceApiError, RuntimeError) as exc:
             print(f"demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1

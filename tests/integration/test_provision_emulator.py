@@ -151,6 +151,9 @@ def _assert_demo_talked_to_the_hub(out: str) -> None:
     assert "device received patch {'interval': 30}" in out
     assert '"payload": {"rebooted": true, "request": {"delay": 0}}' in out
     assert "device received 'hello device' {'kind': 'greeting'}" in out
+    assert "creating the X.509 enrollment group 'demo-cameras'" in out
+    assert "assigned to localhost as camera-0001" in out
+    assert "creating the symmetric-key enrollment group 'demo-sensors'" in out
     assert "==> done" in out
 
 
