@@ -530,6 +530,8 @@ class EmulatorProcess(ChildProcess):
         retry_after: int = 0,
         poll_throttle: bool = False,
         https_nodelay: bool = False,
+        route_to: str | None = None,
+        ssl_read_buffer: int | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         args = ["--id-scope", ID_SCOPE, "--retry-after", str(retry_after)]
@@ -537,6 +539,10 @@ class EmulatorProcess(ChildProcess):
             args.append("--poll-throttle")
         if https_nodelay:
             args.append("--https-nodelay")
+        if route_to:
+            args += ["--route-to", route_to]
+        if ssl_read_buffer:
+            args += ["--ssl-read-buffer", str(ssl_read_buffer)]
         super().__init__("emulator_process", args, directory / "emulator.log")
         self.emulator = EmulatorInfo(**self.info)
 
@@ -621,11 +627,20 @@ class Context:
         return process.emulator
 
     def start_emulator(
-        self, *, retry_after: int = 0, poll_throttle: bool = False, https_nodelay: bool = False
+        self,
+        *,
+        retry_after: int = 0,
+        poll_throttle: bool = False,
+        https_nodelay: bool = False,
+        route_to: str | None = None,
+        ssl_read_buffer: int | None = None,
     ) -> EmulatorProcess:
         """A new emulator of its own (fresh state), not shared: stop it when done with it.
 
-        It is stopped when the run ends in any case. Options as for :meth:`emulator`.
+        It is stopped when the run ends in any case. Options as for :meth:`emulator`;
+        ``route_to`` (``mqtt://HOST:PORT``) has its hub republish all telemetry to that broker;
+        ``ssl_read_buffer`` (a diagnostic) sets the size of asyncio's per-connection TLS read
+        buffer in the emulator (256 KiB by default).
         """
         self._fresh += 1
         process = EmulatorProcess(
@@ -633,6 +648,8 @@ class Context:
             retry_after=retry_after,
             poll_throttle=poll_throttle,
             https_nodelay=https_nodelay,
+            route_to=route_to,
+            ssl_read_buffer=ssl_read_buffer,
         )
         self._stack.callback(process.stop)
         return process

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import asyncio.sslproto
 import json
 import logging
 import os
@@ -34,12 +35,17 @@ async def _serve(args: argparse.Namespace) -> None:
         hostnames=("localhost",),
         retry_after=args.retry_after,
         log_level="WARNING",
+        route_to=args.route_to,
     )
     dps = DpsConfig(id_scope=args.id_scope, retry_after=args.retry_after)
     if not args.poll_throttle:
         dps.polls_per_window = 1_000_000
     if args.https_nodelay:
         socketserver.StreamRequestHandler.disable_nagle_algorithm = True
+    if args.ssl_read_buffer:
+        # asyncio (3.11+) gives every TLS connection a zero-filled read buffer of this size
+        # (256 KiB), allocated when the connection is accepted.
+        setattr(asyncio.sslproto.SSLProtocol, "max_size", args.ssl_read_buffer)  # noqa: B010
     emulator = Emulator(config, dps_config=dps)
     await emulator.start()
     loop = asyncio.get_running_loop()
@@ -86,6 +92,17 @@ def main() -> None:
         "--https-nodelay",
         action="store_true",
         help="diagnostic: TCP_NODELAY on the HTTPS (and service API) server's connections",
+    )
+    parser.add_argument(
+        "--ssl-read-buffer",
+        type=int,
+        metavar="BYTES",
+        help="diagnostic: the size of asyncio's per-connection TLS read buffer (256 KiB)",
+    )
+    parser.add_argument(
+        "--route-to",
+        metavar="mqtt://HOST:PORT",
+        help="republish every telemetry message to this broker (the emulator's message routing)",
     )
     parser.add_argument("--max-seconds", type=float, default=CHILD_MAX_LIFETIME)
     args = parser.parse_args()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPECTED = ("provisioning", "tpm", "footprint")
+EXPECTED = ("provisioning", "tpm", "footprint", "telemetry", "emulator_telemetry", "fleet")
 #: The smoke run normally takes well under a minute; this only bounds a hang.
 RUN_TIMEOUT = 180
 
