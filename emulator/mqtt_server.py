@@ -125,13 +125,32 @@ class MqttConnection:
         self.peer_chain = peer_chain(writer.get_extra_info("ssl_object"))
         #: Set by ``authenticate`` when a persistent session is resumed (CONNACK session present).
         self.session_present = False
+        self._loop = asyncio.get_event_loop()
+        self._out: list[bytes] = []
+        self._write_scheduled = False
 
     # -- sending ----------------------------------------------------------------------------
 
     def send(self, packet: Packet) -> None:
-        """Queue a packet for the client (no-op once closed)."""
-        if not self._closed:
-            self._writer.write(encode(packet))
+        """Queue a packet for the client (no-op once closed).
+
+        Packets queued in one turn of the event loop go out in one write (one TLS record), so a
+        burst of PUBACKs and replies does not cost a write each.
+        """
+        if self._closed:
+            return
+        self._out.append(encode(packet))
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            self._loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        """Hand everything queued to the transport in one write."""
+        self._write_scheduled = False
+        if self._out and not self._closed:
+            data = b"".join(self._out)
+            self._out.clear()
+            self._writer.write(data)
 
     def send_publish(self, topic: str, payload: bytes, qos: int) -> int | None:
         """Publish to the client at ``qos`` (0 or 1); returns the packet id for QoS 1."""
@@ -143,8 +162,9 @@ class MqttConnection:
         return packet_id
 
     def close(self) -> None:
-        """Close the connection (from any callback running on the loop)."""
+        """Close the connection (from any callback running on the loop), after what is queued."""
         if not self._closed:
+            self._write_out()
             self._closed = True
             self._writer.close()
 
@@ -219,6 +239,7 @@ class MqttConnection:
                 self._handle(packet)
                 if self._closed:
                     break
+            self._write_out()
             await self.flush()
 
     def _handle(self, packet: Packet) -> None:

@@ -339,12 +339,28 @@ class EmulatorThread:
         self.stop()
 
 
+#: asyncio's TLS transports read into a 256 KiB buffer each; 16 KiB (one TLS record) is plenty
+#: for MQTT and cuts the emulator's memory per connection by about 200 KiB.
+TLS_READ_BUFFER = 16 * 1024
+
+
+def limit_tls_read_buffer(size: int = TLS_READ_BUFFER) -> None:
+    """Shrink asyncio's per-connection TLS read buffer for this process (CPython 3.11+)."""
+    import asyncio.sslproto
+
+    protocol = getattr(asyncio.sslproto, "SSLProtocol", None)
+    if protocol is not None and hasattr(protocol, "max_size"):
+        protocol.max_size = size
+
+
 def run_foreground(config: EmulatorConfig) -> int:
     """Run the emulator until Ctrl-C or SIGTERM; print where it listens. Returns an exit code."""
     logging.basicConfig(
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+    limit_tls_read_buffer()
 
     async def main() -> None:
         emulator = Emulator(config)
