@@ -563,8 +563,8 @@ def _result(plan: Plan, tallies: dict[tuple[str, int, int], Tally]) -> Result:
                 "raw paho": f"max_inflight_messages_set({IN_FLIGHT}) (paho's default)",
             },
             "qos0_in_flight": {
-                "hub_proto": f"{IN_FLIGHT} (QueueLimits.max_in_flight also bounds QoS 0 messages "
-                "not yet written)",
+                "hub_proto": "unbounded (QueueLimits.max_in_flight bounds QoS 1 only; the "
+                f"outstanding window of {WINDOW} bounds it)",
                 "raw paho": "unbounded (paho does not window QoS 0; the outstanding window of "
                 f"{WINDOW} bounds it)",
             },

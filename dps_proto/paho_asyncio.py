@@ -2,8 +2,10 @@
 
 paho's own loops (``loop_forever``, ``loop_start``) block a thread in ``select``. This adapter uses
 paho's external-loop hooks instead: the client's socket is registered with the event loop
-(``add_reader`` / ``add_writer``), readiness calls ``loop_read`` / ``loop_write``, and a small task
-calls ``loop_misc`` (keep-alive pings, ping time-outs) once a second. Every paho callback
+(``add_reader`` / ``add_writer``), readiness calls ``loop_read`` / ``loop_write``, and one timer
+handle (``loop.call_at``) calls ``loop_misc`` (keep-alive pings, ping time-outs) when paho's
+keep-alive next needs it: an idle connection wakes about once per keep-alive period, not once a
+second. Every paho callback
 (``on_connect``, ``on_message``, ...) therefore runs in the event-loop thread, so a callback may
 touch asyncio objects directly (``queue.put_nowait``, ``future.set_result``).
 
@@ -27,14 +29,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 log = logging.getLogger(__name__)
 
-#: How often ``loop_misc`` runs; paho's keep-alive needs no finer resolution than a second.
+#: Longest gap between two ``loop_misc`` calls when paho's keep-alive state cannot be read (or
+#: the keep-alive is off); otherwise ``loop_misc`` runs when the keep-alive next needs it.
 DEFAULT_MISC_INTERVAL = 1.0
+#: Run ``loop_misc`` this long after paho's keep-alive deadline (paho compares with ``>=``).
+_MISC_SLACK = 0.01
 
 
 class AsyncioPahoAdapter:
@@ -52,7 +58,7 @@ class AsyncioPahoAdapter:
         self.misc_interval = misc_interval
         self._reader_fd: int | None = None
         self._writer_fd: int | None = None
-        self._misc_task: asyncio.Task[None] | None = None
+        self._misc_handle: asyncio.Handle | None = None
         self._socket_open = False
         self._close_waiters: list[asyncio.Future[None]] = []
         self._attached = True
@@ -69,8 +75,8 @@ class AsyncioPahoAdapter:
         self._reader_fd = fd
         self.loop.add_reader(fd, self._on_readable)
         self._socket_open = True
-        if self._misc_task is None or self._misc_task.done():
-            self._misc_task = self.loop.create_task(self._misc_loop())
+        if self._misc_handle is None:
+            self._misc_handle = self.loop.call_soon(self._run_misc)
         log.debug("socket %d registered with the event loop", fd)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -110,9 +116,34 @@ class AsyncioPahoAdapter:
     def _on_writable(self) -> None:
         self.client.loop_write()
 
-    async def _misc_loop(self) -> None:
-        while self.client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
-            await asyncio.sleep(self.misc_interval)
+    def _run_misc(self) -> None:
+        self._misc_handle = None
+        if self.client.loop_misc() != mqtt.MQTT_ERR_SUCCESS or not self._socket_open:
+            return
+        if self._misc_handle is None:
+            delay = self._misc_delay()
+            self._misc_handle = self.loop.call_later(delay, self._run_misc)
+
+    def _misc_delay(self) -> float:
+        """Seconds until paho's keep-alive next needs ``loop_misc``: a PINGREQ is due once
+        ``keepalive`` s passed since the last packet out or the last bytes in, a missing PINGRESP
+        once ``keepalive`` s passed since the PINGREQ."""
+        client = self.client
+        keepalive = getattr(client, "_keepalive", None)
+        last_out = getattr(client, "_last_msg_out", None)
+        last_in = getattr(client, "_last_bytes_received", None)
+        ping_t = getattr(client, "_ping_t", 0)
+        if (
+            not isinstance(keepalive, (int, float))
+            or keepalive <= 0
+            or not isinstance(last_out, (int, float))
+            or not isinstance(last_in, (int, float))
+        ):
+            return self.misc_interval
+        due = min(last_out, last_in) + keepalive
+        if isinstance(ping_t, (int, float)) and ping_t > 0:
+            due = min(due, ping_t + keepalive)
+        return max(0.0, due - time.monotonic()) + _MISC_SLACK
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -134,9 +165,9 @@ class AsyncioPahoAdapter:
                 waiter.set_result(None)
 
     def _cancel_misc(self) -> None:
-        task, self._misc_task = self._misc_task, None
-        if task is not None and not task.done() and task is not asyncio.current_task(self.loop):
-            task.cancel()
+        handle, self._misc_handle = self._misc_handle, None
+        if handle is not None:
+            handle.cancel()
 
     # -- public ------------------------------------------------------------------------------
 

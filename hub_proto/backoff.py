@@ -10,6 +10,9 @@ from .errors import HubStateError
 #: Exponents above this are capped anyway; stops ``2 ** attempt`` from growing without bound.
 _MAX_EXPONENT = 62
 
+#: The jitter source shared by every back-off, request tracker and session not given its own.
+SHARED_RNG = random.Random()
+
 
 @dataclass(frozen=True)
 class BackoffPolicy:
@@ -42,7 +45,7 @@ class Backoff:
         self, policy: BackoffPolicy | None = None, rng: random.Random | None = None
     ) -> None:
         self.policy = policy or BackoffPolicy()
-        self._rng = rng or random.Random()
+        self._rng = rng if rng is not None else SHARED_RNG
         self.attempt = 0
 
     def next_delay(self) -> float:

@@ -102,8 +102,9 @@ _paho_log = logging.getLogger(__name__ + ".paho")
 DEFAULT_CLIENT_TYPE = "dps-mqtt/0.1.0"
 #: Upper bound on one TCP connect + TLS handshake, and on the wait for CONNACK and for SUBACK.
 CONNECT_TIMEOUT = 10.0
-#: Longest single sleep of the driver (it wakes earlier for anything due or any input).
-_MAX_SLEEP = 1.0
+#: Longest single sleep of the driver, a safety net only: it sleeps until the session's next
+#: deadline (or a phase or stop deadline) and is woken at once by any input.
+_MAX_SLEEP = 3600.0
 #: How long a clean DISCONNECT may take before the socket is simply closed.
 _DISCONNECT_WAIT = 1.0
 #: Extra time ``close`` gives the driver beyond the flush time-out before giving up on it.
@@ -235,34 +236,34 @@ def _done_future(result: _T | BaseException) -> concurrent.futures.Future[_T]:
 # -- events from paho callbacks -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built once per packet, frozen costs more
 class _Connack:
     generation: int
     return_code: int
     session_present: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built once per packet, frozen costs more
 class _Suback:
     generation: int
     mid: int
     refused: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built once per packet, frozen costs more
 class _Incoming:
     generation: int
     topic: str
     payload: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built once per packet, frozen costs more
 class _Published:
     generation: int
     mid: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built once per packet, frozen costs more
 class _Disconnect:
     generation: int
     reason: str
@@ -272,6 +273,11 @@ _Inbox = Union[_Connack, _Suback, _Incoming, _Published, _Disconnect]
 
 
 # -- the driver shared by both clients -----------------------------------------------------
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _release(client: mqtt.Client | None, adapter: AsyncioPahoAdapter | None) -> None:
@@ -314,7 +320,12 @@ class _Driver:
         self._inbox: deque[_Inbox] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
-        self._wake_event: asyncio.Event | None = None
+        #: Set (on the loop thread) when there is work; cleared at the top of each pass.
+        self._woken = False
+        #: What the sleeping driver awaits (a plain future: no task per sleep).
+        self._waiter: asyncio.Future[None] | None = None
+        #: A cross-thread wake-up is already scheduled on the loop (saves one per message).
+        self._remote_wake_pending = False
         self._client: mqtt.Client | None = None
         self._adapter: AsyncioPahoAdapter | None = None
         self._generation = 0
@@ -409,14 +420,30 @@ class _Driver:
 
     def wake(self) -> None:
         """Make the driver look at its work now (thread-safe)."""
-        loop, event = self._loop, self._wake_event
-        if loop is None or event is None:
+        loop = self._loop
+        if loop is None:
             return
         if self.on_loop_thread():
-            event.set()
+            self._wake_now()
             return
-        with contextlib.suppress(RuntimeError):  # a closed loop: the driver has finished
-            loop.call_soon_threadsafe(event.set)
+        if self._remote_wake_pending:
+            return  # the scheduled wake-up runs after this caller's work was queued
+        self._remote_wake_pending = True
+        try:
+            loop.call_soon_threadsafe(self._remote_wake)
+        except RuntimeError:  # a closed loop: the driver has finished
+            self._remote_wake_pending = False
+
+    def _remote_wake(self) -> None:
+        self._remote_wake_pending = False
+        self._wake_now()
+
+    def _wake_now(self) -> None:
+        """On the loop thread: there is work; end the driver's sleep."""
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def request_stop(self, flush_timeout: float) -> None:
         """Ask the driver to flush (at most ``flush_timeout`` s), disconnect and end."""
@@ -440,10 +467,9 @@ class _Driver:
         """Connect, reconnect, pump and dispatch until :meth:`request_stop`."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        wake_event = self._wake_event = asyncio.Event()
         try:
             while True:
-                wake_event.clear()
+                self._woken = False
                 now = time.monotonic()
                 self._drain_inbox(now)
                 if self._renewal_due:
@@ -468,11 +494,19 @@ class _Driver:
             await self._shutdown()
 
     async def _sleep(self, until: float) -> None:
-        event = self._wake_event
-        assert event is not None
-        timeout = min(_MAX_SLEEP, max(0.0, until - time.monotonic()))
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        """Sleep until ``until`` (monotonic) or a wake-up: one future and one timer handle."""
+        if self._woken:
+            return
+        loop = self._loop
+        assert loop is not None
+        waiter: asyncio.Future[None] = loop.create_future()
+        handle = loop.call_later(max(0.0, until - time.monotonic()), _resolve, waiter)
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            handle.cancel()
 
     def _wake_at(self, now: float) -> float:
         times = [now + _MAX_SLEEP]
@@ -556,8 +590,8 @@ class _Driver:
     def _post(self, event: _Inbox) -> None:
         """From paho callbacks (on the loop thread): queue an event and wake the loop."""
         self._inbox.append(event)
-        if self._wake_event is not None:
-            self._wake_event.set()
+        if not self._woken:
+            self._wake_now()
 
     def _open(self, now: float) -> None:
         """Start a connection attempt: fresh token, fresh client, TCP + TLS (blocking)."""
@@ -663,23 +697,29 @@ class _Driver:
     # -- paho events ------------------------------------------------------------------------
 
     def _drain_inbox(self, now: float) -> None:
-        while self._inbox:
-            event = self._inbox.popleft()
-            if isinstance(event, _Incoming):
-                # Data is data, even from a connection being replaced.
-                with self.lock:
-                    self._absorb(self.session.receive(event.topic, event.payload, now))
-            elif event.generation != self._generation:
-                continue  # packet ids and state changes of an abandoned client
-            elif isinstance(event, _Published):
-                with self.lock:
-                    self._absorb(self.session.puback(event.mid))
-            elif isinstance(event, _Connack):
-                self._on_connack(event, now)
-            elif isinstance(event, _Suback):
-                self._on_suback(event)
-            else:
-                self._on_disconnect(event, now)
+        inbox = self._inbox
+        if not inbox:
+            return
+        with self.lock:  # once for the whole batch (re-entrant for the handlers below)
+            while inbox:
+                self._handle(inbox.popleft(), now)
+
+    def _handle(self, event: _Inbox, now: float) -> None:
+        if isinstance(event, _Published):  # the common case first
+            if event.generation == self._generation:
+                self._absorb(self.session.puback(event.mid))
+            return
+        if isinstance(event, _Incoming):
+            # Data is data, even from a connection being replaced.
+            self._absorb(self.session.receive(event.topic, event.payload, now))
+        elif event.generation != self._generation:
+            return  # packet ids and state changes of an abandoned client
+        elif isinstance(event, _Connack):
+            self._on_connack(event, now)
+        elif isinstance(event, _Suback):
+            self._on_suback(event)
+        else:
+            self._on_disconnect(event, now)
 
     def _on_connack(self, event: _Connack, now: float) -> None:
         if self._phase != "connecting" or self._client is None:
@@ -1011,6 +1051,9 @@ class _ClientBase:
         max_auth_failures: int = 3,
         request_timeout: float = 30.0,
         address: str | None = None,
+        twin: bool = True,
+        methods: bool = True,
+        c2d: bool = True,
     ) -> None:
         """``host`` is the hub's host name (it goes into the username and the SAS token's
         resource); ``address``, when given, is where the socket connects instead, and what TLS
@@ -1020,7 +1063,12 @@ class _ClientBase:
         Credentials: exactly one of ``symmetric_key``, ``signer`` (SAS tokens, renewed by
         reconnecting) or ``client_cert`` (X.509: a PEM file with the device certificate, then
         any intermediates; its key in ``client_key`` or the same file; the password stays empty
-        and nothing needs renewing)."""
+        and nothing needs renewing).
+
+        ``twin``, ``methods`` and ``c2d`` (default True) choose what the client subscribes to;
+        with ``twin=False`` there is no twin GET at connect (and :meth:`get_twin` /
+        :meth:`patch_reported` raise :class:`HubStateError`). Telemetry-only devices save a
+        subscription round trip and the twin's memory."""
         check_text("host", host, error=HubError)
         if address is not None:
             check_text("address", address, error=HubError)
@@ -1044,6 +1092,9 @@ class _ClientBase:
             backoff=backoff,
             max_auth_failures=max_auth_failures,
             request_timeout=request_timeout,
+            twin=twin,
+            methods=methods,
+            c2d=c2d,
         )
         settings = _Settings(host, port, the_signer, context, keepalive, address)
         spool = Spool(spool_path) if spool_path is not None else None
@@ -1153,8 +1204,7 @@ class _ClientBase:
         via = f" via {settings.address}" if settings.address else ""
         return HubError(
             f"could not connect to the hub {settings.host}:{settings.port}{via} within"
-            f" {timeout:g} s"
-            + (f" ({detail})" if detail else "")
+            f" {timeout:g} s" + (f" ({detail})" if detail else "")
         )
 
 

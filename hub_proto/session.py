@@ -30,6 +30,7 @@ import random
 from collections.abc import Iterable
 from typing import Any, Literal
 
+from .backoff import SHARED_RNG as _SHARED_RNG
 from .backoff import Backoff, BackoffPolicy
 from .errors import (
     HubAuthError,
@@ -142,7 +143,9 @@ class HubSession:
         self.stable_after = float(stable_after)
         self.max_auth_failures = max_auth_failures
         self.twin_enabled, self.methods_enabled, self.c2d_enabled = twin, methods, c2d
-        self._rng = rng or random.Random()
+        # One shared generator by default (a Random is ~2.5 KiB; a fleet has thousands of
+        # sessions); tests inject their own.
+        self._rng = rng if rng is not None else _SHARED_RNG
         self._backoff = Backoff(backoff, self._rng)
         self._queue = TelemetryQueue(device_id, module_id, queue)
         self._tracker = RequestTracker(request_timeout, retry, self._rng)

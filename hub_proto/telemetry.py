@@ -6,8 +6,11 @@ Rules:
   :class:`OverflowPolicy` either rejects the new message (:class:`QueueFullError`, the default:
   nothing accepted is ever dropped for space) or drops the oldest *queued* message (the oldest in
   flight only when nothing is queued).
-* Messages leave in order, at most ``max_in_flight`` at a time. A QoS 1 message stays in flight
-  until its PUBACK; a QoS 0 one until the MQTT client reports it written.
+* Messages leave in order. At most ``max_in_flight`` QoS 1 messages are in flight at a time (a
+  QoS 1 message stays in flight until its PUBACK). QoS 0 has no acknowledgement, so the window
+  does not apply to it: a QoS 0 message is handed to the connection as soon as it reaches the
+  front of the queue, and stays in flight (still counted by the queue's count and byte limits)
+  until the MQTT client reports it written; the socket is then its only limit.
 * On connection loss, in-flight QoS 1 messages go back to the front of the queue in their order
   and are sent again after the reconnect (``resent`` counts these repeats: the hub may see
   duplicates, so give messages a ``message_id`` if the receiver must de-duplicate). In-flight
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from .errors import HubParseError, HubStateError, QueueFullError
 from .events import MessageDone
 from .message import Message
-from .topics import telemetry_topic
+from .topics import telemetry_topic, telemetry_topic_prefix
 
 #: Azure's limit on one device-to-cloud message.
 MAX_MESSAGE_BYTES = 256 * 1024
@@ -139,6 +142,10 @@ class TelemetryQueue:
         self._early_acks: dict[int, None] = {}
         self._bytes = 0
         self._next_id = 0
+        self._in_flight_qos1 = 0
+        #: The topic of a message without properties, and its length in bytes (cached).
+        self._bare_topic = telemetry_topic_prefix(device_id, module_id)
+        self._bare_topic_bytes = len(self._bare_topic.encode("utf-8", "surrogatepass"))
 
     # -- views -----------------------------------------------------------------------------
 
@@ -167,8 +174,12 @@ class TelemetryQueue:
             raise HubParseError("send_message needs a Message")
         if isinstance(qos, bool) or qos not in (0, 1):
             raise HubParseError("telemetry QoS must be 0 or 1 (Azure closes the connection on 2)")
-        topic = telemetry_topic(self.device_id, message, self.module_id)
-        size = len(topic.encode("utf-8", "surrogatepass")) + len(message.payload)
+        if _is_bare(message):
+            topic = self._bare_topic
+            size = self._bare_topic_bytes + len(message.payload)
+        else:
+            topic = telemetry_topic(self.device_id, message, self.module_id)
+            size = len(topic.encode("utf-8", "surrogatepass")) + len(message.payload)
         if size > MAX_MESSAGE_BYTES:
             raise HubParseError(f"message of {size} bytes exceeds Azure's 256 KB limit")
         self._next_id += 1
@@ -246,10 +257,18 @@ class TelemetryQueue:
         return events
 
     def take(self, now: float) -> list[MessageTicket]:
-        """Hand out the next messages (oldest first) while the in-flight window has room."""
+        """Hand out the next messages, oldest first, until a QoS 1 message finds the in-flight
+        window full (QoS 0 messages do not count against the window)."""
         out: list[MessageTicket] = []
-        while self._queue and len(self._in_flight) < self.limits.max_in_flight:
-            ticket = self._queue.popleft()
+        queue = self._queue
+        window = self.limits.max_in_flight
+        while queue:
+            ticket = queue[0]
+            if ticket.qos == 1:
+                if self._in_flight_qos1 >= window:
+                    break
+                self._in_flight_qos1 += 1
+            queue.popleft()
             ticket.state = TicketState.IN_FLIGHT
             ticket.attempts += 1
             self.stats.sent += 1
@@ -281,6 +300,7 @@ class TelemetryQueue:
             return []
         self._in_flight.pop(ticket.id, None)
         if ticket.qos == 1:
+            self._in_flight_qos1 -= 1
             return [self._finish(ticket, TicketState.ACKNOWLEDGED)]
         return [self._finish(ticket, TicketState.SENT)]
 
@@ -295,6 +315,7 @@ class TelemetryQueue:
             else:
                 events.append(self._finish(ticket, TicketState.LOST_QOS0))
         self._in_flight.clear()
+        self._in_flight_qos1 = 0
         self._by_packet.clear()
         self._early_acks.clear()
         self._queue.extendleft(reversed(back))
@@ -303,7 +324,8 @@ class TelemetryQueue:
     # -- internals -------------------------------------------------------------------------
 
     def _forget_in_flight(self, ticket: MessageTicket) -> None:
-        self._in_flight.pop(ticket.id, None)
+        if self._in_flight.pop(ticket.id, None) is not None and ticket.qos == 1:
+            self._in_flight_qos1 -= 1
         for packet_id, held in list(self._by_packet.items()):
             if held is ticket:
                 del self._by_packet[packet_id]
@@ -311,12 +333,25 @@ class TelemetryQueue:
     def _finish(self, ticket: MessageTicket, state: TicketState) -> MessageDone:
         ticket.state = state
         self._bytes -= ticket.size
-        counter = {
-            TicketState.ACKNOWLEDGED: "acknowledged",
-            TicketState.SENT: "delivered_qos0",
-            TicketState.DROPPED_OVERFLOW: "dropped_overflow",
-            TicketState.DROPPED_EXPIRED: "dropped_expired",
-            TicketState.LOST_QOS0: "lost_qos0",
-        }[state]
+        counter = _COUNTERS[state]
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         return MessageDone(ticket)
+
+
+_COUNTERS = {
+    TicketState.ACKNOWLEDGED: "acknowledged",
+    TicketState.SENT: "delivered_qos0",
+    TicketState.DROPPED_OVERFLOW: "dropped_overflow",
+    TicketState.DROPPED_EXPIRED: "dropped_expired",
+    TicketState.LOST_QOS0: "lost_qos0",
+}
+_BARE_FIELDS = tuple(
+    name for name in Message.__dataclass_fields__ if name not in ("payload", "properties")
+)
+
+
+def _is_bare(message: Message) -> bool:
+    """True for a message with no application and no system properties (an empty bag)."""
+    if message.properties:
+        return False
+    return all(getattr(message, name) is None for name in _BARE_FIELDS)

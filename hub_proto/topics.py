@@ -204,6 +204,12 @@ def _device_path(device_id: str, module_id: str | None) -> str:
     return f"{base}/modules/{check_id(module_id, 'module id')}" if module_id is not None else base
 
 
+def telemetry_topic_prefix(device_id: str, module_id: str | None = None) -> str:
+    """``devices/{d}[/modules/{m}]/messages/events/``: the topic of a message without
+    properties (an empty bag), checked once."""
+    return _check_topic(f"{_device_path(device_id, module_id)}/messages/events/")
+
+
 def telemetry_topic(
     device_id: str, message: Message | None = None, module_id: str | None = None
 ) -> str:

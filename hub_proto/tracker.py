@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .backoff import BackoffPolicy
+from .backoff import SHARED_RNG, BackoffPolicy
 from .errors import HubError, HubRequestError, HubStateError, HubTimeout
 
 
@@ -77,7 +77,7 @@ class RequestTracker:
             raise HubStateError("the request time-out must be positive")
         self.timeout = timeout
         self.policy = policy or RetryPolicy()
-        self._rng = rng or random.Random()
+        self._rng = rng if rng is not None else SHARED_RNG
         self._requests: dict[str, Request] = {}
         self._counter = 0
 

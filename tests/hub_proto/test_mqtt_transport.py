@@ -512,3 +512,85 @@ def test_async_client_runs_on_the_callers_loop(broker: Mosquitto, pki: Pki) -> N
 
     with FakeHub(broker.plain_port):
         asyncio.run(main())
+
+
+def test_short_keepalive_keeps_an_idle_connection_up(broker: Mosquitto, pki: Pki) -> None:
+    """The adapter's keep-alive timer sends PINGREQs in time: mosquitto drops a client silent for
+    1.5 keep-alive periods, so a 1 s keep-alive over ~4 s would fail without them."""
+
+    async def main() -> None:
+        async with AsyncHubClient(
+            "localhost",
+            "dev-keepalive",
+            symmetric_key=DEVICE_KEY,
+            port=broker.tls_port,
+            ca_file=pki.ca_file,
+            keepalive=1,
+            twin=False,
+        ) as client:
+            await client.connect(10)
+            await asyncio.sleep(4.0)
+            assert client.connected and client.connection_count == 1
+            ticket = await client.send_message(b"after idling")
+            assert await client.wait_for(ticket, 10) is TicketState.ACKNOWLEDGED
+            assert client.connection_count == 1
+
+    asyncio.run(main())
+
+
+def test_idle_driver_sleeps_until_its_next_deadline(broker: Mosquitto, pki: Pki) -> None:
+    async def main() -> None:
+        async with AsyncHubClient(
+            "localhost",
+            "dev-idle",
+            symmetric_key=DEVICE_KEY,
+            port=broker.tls_port,
+            ca_file=pki.ca_file,
+            twin=False,
+            methods=False,
+            c2d=False,
+        ) as client:
+            await client.connect(10)
+            driver = client._driver
+            sleeps = 0
+            original = driver._sleep
+
+            async def counting(until: float) -> None:
+                nonlocal sleeps
+                sleeps += 1
+                await original(until)
+
+            driver._sleep = counting  # type: ignore[method-assign]
+            await asyncio.sleep(2.5)
+            assert sleeps <= 1  # no per-second wake-ups while idle
+            ticket = await client.send_message(b"x")
+            assert await client.wait_for(ticket, 10) is TicketState.ACKNOWLEDGED
+
+    asyncio.run(main())
+
+
+def test_twin_methods_c2d_options(broker: Mosquitto, pki: Pki) -> None:
+    assignment = Assignment("reg", assigned_hub="localhost", device_id="dev-options")
+    client = HubClient.from_assignment(
+        assignment,
+        symmetric_key=DEVICE_KEY,
+        port=broker.tls_port,
+        ca_file=pki.ca_file,
+        twin=False,
+        methods=False,
+        c2d=False,
+    )
+    with client:
+        session = client._driver.session
+        assert not (session.twin_enabled or session.methods_enabled or session.c2d_enabled)
+        assert session.subscriptions_needed() == []
+        client.connect(10)  # no FakeHub: a twin GET would go unanswered, none is sent
+        with pytest.raises(HubStateError):
+            client.get_twin(1)
+        ticket = client.send_message(b"x", qos=0)
+        assert client.wait_for(ticket, 10) is TicketState.SENT
+    default = AsyncHubClient(
+        "localhost", "dev-defaults", symmetric_key=DEVICE_KEY, ca_file=pki.ca_file
+    )
+    session = default._driver.session
+    assert session.twin_enabled and session.methods_enabled and session.c2d_enabled

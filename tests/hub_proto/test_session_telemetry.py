@@ -86,17 +86,36 @@ def test_qos0_lost_or_kept_over_a_disconnect() -> None:
     session = make_session(twin=False, queue=QueueLimits(max_in_flight=1))
     link = Link(session)
     a = session.send_message(msg(0), 0, 0.0)
+    q1 = session.send_message(msg(2), 1, 0.0)
+    q2 = session.send_message(msg(3), 1, 0.0)
     b = session.send_message(msg(1), 0, 0.0)
     link.connect(0.0)
-    link.pump(0.0)  # "a" handed to the connection, "b" waits for the window
+    # "a" and "q1" handed to the connection (QoS 0 is outside the window of 1); "q2" waits for
+    # the window, and "b" behind it keeps the order.
+    link.pump(0.0)
+    assert q2.state is TicketState.QUEUED
     events = session.connection_lost(1.0, "network")
     assert [e.ticket for e in events if isinstance(e, MessageDone)] == [a]
     assert a.state is TicketState.LOST_QOS0 and b.state is TicketState.QUEUED
+    assert q1.state is TicketState.QUEUED
     link.connect(2.0)
-    link.pump(2.0)
-    link.ack_all()
+    for _ in range(3):
+        link.pump(2.0)
+        link.ack_all()
     assert b.state is TicketState.SENT
+    assert q1.state is q2.state is TicketState.ACKNOWLEDGED
     assert session.stats.lost_qos0 == 1 and session.stats.delivered_qos0 == 1
+
+
+def test_qos0_is_not_limited_by_the_in_flight_window() -> None:
+    session = make_session(twin=False, queue=QueueLimits(max_in_flight=1))
+    link = Link(session)
+    tickets = [session.send_message(msg(i), 0, 0.0) for i in range(5)]
+    link.connect(0.0)
+    link.pump(0.0)
+    assert all(t.state is TicketState.IN_FLIGHT for t in tickets)
+    link.ack_all()
+    assert all(t.state is TicketState.SENT for t in tickets)
 
 
 def test_overflow_policies_through_the_session() -> None:

@@ -20,6 +20,7 @@ from hub_proto import (
     TicketState,
 )
 from hub_proto.telemetry import MAX_MESSAGE_BYTES
+from hub_proto.topics import telemetry_topic
 
 
 def msg(i: int, size: int = 1) -> Message:
@@ -157,16 +158,42 @@ def test_window_ack_and_replay_in_order() -> None:
 def test_qos0_lost_only_when_handed_to_a_dead_connection() -> None:
     queue = TelemetryQueue("d", limits=QueueLimits(max_in_flight=1))
     a = queue.add(msg(0), 0, 0.0)[0]
+    q1 = queue.add(msg(2), 1, 0.0)[0]
+    q2 = queue.add(msg(3), 1, 0.0)[0]
     b = queue.add(msg(1), 0, 0.0)[0]
-    assert queue.take(0.0) == [a]
+    # QoS 0 is outside the window; the full window stops "q2", and "b" stays behind it.
+    assert queue.take(0.0) == [a, q1]
     events = queue.connection_lost()
     assert [e.ticket for e in events] == [a] and a.state is TicketState.LOST_QOS0
-    assert b.state is TicketState.QUEUED
-    assert queue.take(1.0) == [b]
+    assert b.state is TicketState.QUEUED and q1.state is TicketState.QUEUED
+    assert queue.take(1.0) == [q1]
+    queue.publish_sent(q1, 5)
+    queue.puback(5)
+    assert queue.take(1.0) == [q2, b]
+    queue.publish_sent(q2, 6)
+    queue.puback(6)
     queue.publish_sent(b, 7)
     assert [e.ticket for e in queue.puback(7)] == [b] and b.state is TicketState.SENT
     assert queue.stats.lost_qos0 == 1 and queue.stats.delivered_qos0 == 1
     check_invariant(queue)
+
+
+def test_qos0_bypasses_the_window_but_not_the_limits() -> None:
+    queue = TelemetryQueue("d", limits=QueueLimits(max_in_flight=1, max_messages=3))
+    tickets = [queue.add(msg(i), 0, 0.0)[0] for i in range(3)]
+    assert queue.take(0.0) == tickets
+    with pytest.raises(QueueFullError):
+        queue.add(msg(9), 0, 0.0)  # written-not-yet QoS 0 still counts against the queue
+    check_invariant(queue)
+
+
+def test_bare_messages_use_the_cached_topic() -> None:
+    queue = TelemetryQueue("d", "m")
+    bare = queue.add(Message(b"abc"), 1, 0.0)[0]
+    assert bare.topic == telemetry_topic("d", Message(b"abc"), "m")
+    assert bare.size == len(bare.topic) + 3
+    with_props = queue.add(Message(b"abc", properties={"k": "v"}), 1, 0.0)[0]
+    assert with_props.topic == telemetry_topic("d", Message(b"abc", properties={"k": "v"}), "m")
 
 
 def test_early_and_unknown_acks() -> None:
