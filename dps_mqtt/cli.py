@@ -244,13 +244,17 @@ def _cmd_enrollment_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _set_enrollment_status(status: str) -> _Command:
+def _set_status(kind: str, status: str) -> _Command:
+    """A command that sets the provisioning status of the ``kind`` ("enrollment" or "group")
+    ``args.id``: read it, change the status, write it back under the etag that was read."""
+
     def command(args: argparse.Namespace) -> int:
         client = _client(args)
-        body = client.get_enrollment(args.id)
+        body = getattr(client, f"get_{kind}")(args.id)
         etag = body.get("etag")
         body["provisioningStatus"] = status
-        _print_json(client.put_enrollment(body, etag=etag if isinstance(etag, str) else None))
+        put = getattr(client, f"put_{kind}")
+        _print_json(put(body, etag=etag if isinstance(etag, str) else None))
         return 0
 
     return command
@@ -275,18 +279,6 @@ def _cmd_group_delete(args: argparse.Namespace) -> int:
     _client(args).delete_group(args.id)
     _print_json({"enrollmentGroupId": args.id, "deleted": True})
     return 0
-
-
-def _set_group_status(status: str) -> _Command:
-    def command(args: argparse.Namespace) -> int:
-        client = _client(args)
-        body = client.get_group(args.id)
-        etag = body.get("etag")
-        body["provisioningStatus"] = status
-        _print_json(client.put_group(body, etag=etag if isinstance(etag, str) else None))
-        return 0
-
-    return command
 
 
 def _cmd_group_derive_key(args: argparse.Namespace) -> int:
@@ -906,8 +898,8 @@ def build_parser() -> argparse.ArgumentParser:
         list_=_cmd_enrollment_list,
         show=_cmd_enrollment_show,
         delete=_cmd_enrollment_delete,
-        enable=_set_enrollment_status("enabled"),
-        disable=_set_enrollment_status("disabled"),
+        enable=_set_status("enrollment", "enabled"),
+        disable=_set_status("enrollment", "disabled"),
         individual=True,
     )
 
@@ -922,8 +914,8 @@ def build_parser() -> argparse.ArgumentParser:
         list_=_cmd_group_list,
         show=_cmd_group_show,
         delete=_cmd_group_delete,
-        enable=_set_group_status("enabled"),
-        disable=_set_group_status("disabled"),
+        enable=_set_status("group", "enabled"),
+        disable=_set_status("group", "disabled"),
         individual=False,
     )
     _add_x509_create(enrollment_sub, api, individual=True)

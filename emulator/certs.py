@@ -173,20 +173,7 @@ def _generate_ca(now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticC
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + CA_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(ski, critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
@@ -194,6 +181,57 @@ def _generate_ca(now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticC
         .sign(key, hashes.SHA256())
     )
     return cert, key
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """keyCertSign and cRLSign for a CA; digitalSignature only for an end entity."""
+    return x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _sign_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    public_key: ec.EllipticCurvePublicKey,
+    validity: tuple[datetime.datetime, datetime.datetime],
+    usage: x509.ObjectIdentifier,
+    *extensions: x509.ExtensionType,
+) -> x509.Certificate:
+    """An end-entity certificate for ``public_key`` signed by the CA: CN ``common_name``, valid
+    ``validity`` (not before, not after), the one extended key ``usage``, any further
+    (non-critical) ``extensions``, and subject and authority key identifiers."""
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(ca=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return (
+        builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
 
 
 def _issue_server(
@@ -209,38 +247,15 @@ def _issue_server(
         common_name = "dps-mqtt emulator"
     san: list[x509.GeneralName] = [x509.DNSName(name) for name in dns]
     san += [x509.IPAddress(ip) for ip in ips]
-    not_after = min(now + SERVER_VALIDITY, _not_after(ca_cert))
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+    validity = (now - BACKDATE, min(now + SERVER_VALIDITY, _not_after(ca_cert)))
+    cert = _sign_leaf(
+        ca_cert,
+        ca_key,
+        common_name,
+        key.public_key(),
+        validity,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        x509.SubjectAlternativeName(san),
     )
     return cert, key
 

@@ -66,6 +66,28 @@ REPROVISION_POLICIES = {
 }
 
 
+def _enrollment_body(
+    identity: dict[str, Any],
+    provisioning_status: str,
+    *,
+    device_id: str | None = None,
+    iot_hub_host_name: str | None,
+    initial_twin: dict[str, Any] | None,
+    allocation: dict[str, Any],
+) -> dict[str, Any]:
+    """An enrollment or group JSON body: ``identity`` (id and attestation), the status, the
+    optional fields that are set, then :func:`allocation_fields`."""
+    optional = {
+        "deviceId": device_id,
+        "iotHubHostName": iot_hub_host_name,
+        "initialTwin": initial_twin,
+    }
+    body = {**identity, "provisioningStatus": provisioning_status}
+    body.update({name: value for name, value in optional.items() if value is not None})
+    body.update(allocation_fields(**allocation))
+    return body
+
+
 def allocation_fields(
     *,
     allocation_policy: str | None = None,
@@ -195,6 +217,10 @@ class ServiceClient:
 
     # ------------------------------------------------------------------ API
 
+    def _delete_object(self, path: str, etag: str | None) -> None:
+        headers = {"If-Match": f'"{etag}"'} if etag else None
+        self.request("DELETE", path, headers=headers)
+
     def info(self) -> dict[str, Any]:
         """The emulator's id scope, endpoints and CA certificate path."""
         return self._get_object("/info")
@@ -244,18 +270,17 @@ class ServiceClient:
 
         ``allocation``: see :func:`allocation_fields` (policy, hubs, webhook, reprovisioning).
         """
-        body: dict[str, Any] = {
-            "registrationId": registration_id,
-            "attestation": _symmetric_key_attestation(primary_key, secondary_key),
-            "provisioningStatus": provisioning_status,
-        }
-        if device_id is not None:
-            body["deviceId"] = device_id
-        if iot_hub_host_name is not None:
-            body["iotHubHostName"] = iot_hub_host_name
-        if initial_twin is not None:
-            body["initialTwin"] = initial_twin
-        body.update(allocation_fields(**allocation))
+        body = _enrollment_body(
+            {
+                "registrationId": registration_id,
+                "attestation": _symmetric_key_attestation(primary_key, secondary_key),
+            },
+            provisioning_status,
+            device_id=device_id,
+            iot_hub_host_name=iot_hub_host_name,
+            initial_twin=initial_twin,
+            allocation=allocation,
+        )
         return self.put_enrollment(body)
 
     def put_enrollment(self, body: dict[str, Any], *, etag: str | None = None) -> dict[str, Any]:
@@ -275,8 +300,7 @@ class ServiceClient:
 
     def delete_enrollment(self, registration_id: str, *, etag: str | None = None) -> None:
         """Delete an enrollment; with ``etag``, only that version."""
-        headers = {"If-Match": f'"{etag}"'} if etag else None
-        self.request("DELETE", f"/enrollments/{_segment(registration_id)}", headers=headers)
+        self._delete_object(f"/enrollments/{_segment(registration_id)}", etag)
 
     # enrollment groups
 
@@ -295,16 +319,16 @@ class ServiceClient:
 
         ``allocation``: see :func:`allocation_fields` (policy, hubs, webhook, reprovisioning).
         """
-        body: dict[str, Any] = {
-            "enrollmentGroupId": group_id,
-            "attestation": _symmetric_key_attestation(primary_key, secondary_key),
-            "provisioningStatus": provisioning_status,
-        }
-        if iot_hub_host_name is not None:
-            body["iotHubHostName"] = iot_hub_host_name
-        if initial_twin is not None:
-            body["initialTwin"] = initial_twin
-        body.update(allocation_fields(**allocation))
+        body = _enrollment_body(
+            {
+                "enrollmentGroupId": group_id,
+                "attestation": _symmetric_key_attestation(primary_key, secondary_key),
+            },
+            provisioning_status,
+            iot_hub_host_name=iot_hub_host_name,
+            initial_twin=initial_twin,
+            allocation=allocation,
+        )
         return self.put_group(body)
 
     def create_x509_enrollment(
@@ -321,20 +345,19 @@ class ServiceClient:
     ) -> dict[str, Any]:
         """Create (or replace) an X.509 individual enrollment: ``certificate`` is the device's
         own certificate (PEM or base64 DER; its CN is the registration id)."""
-        body: dict[str, Any] = {
-            "registrationId": registration_id,
-            "attestation": _x509_attestation(
-                "clientCertificates", certificate, secondary_certificate
-            ),
-            "provisioningStatus": provisioning_status,
-        }
-        if device_id is not None:
-            body["deviceId"] = device_id
-        if iot_hub_host_name is not None:
-            body["iotHubHostName"] = iot_hub_host_name
-        if initial_twin is not None:
-            body["initialTwin"] = initial_twin
-        body.update(allocation_fields(**allocation))
+        body = _enrollment_body(
+            {
+                "registrationId": registration_id,
+                "attestation": _x509_attestation(
+                    "clientCertificates", certificate, secondary_certificate
+                ),
+            },
+            provisioning_status,
+            device_id=device_id,
+            iot_hub_host_name=iot_hub_host_name,
+            initial_twin=initial_twin,
+            allocation=allocation,
+        )
         return self.put_enrollment(body)
 
     def create_x509_group(
@@ -350,18 +373,18 @@ class ServiceClient:
     ) -> dict[str, Any]:
         """Create (or replace) an X.509 enrollment group: ``certificate`` is the root or
         intermediate CA (PEM or base64 DER) that signed its devices' certificates."""
-        body: dict[str, Any] = {
-            "enrollmentGroupId": group_id,
-            "attestation": _x509_attestation(
-                "signingCertificates", certificate, secondary_certificate
-            ),
-            "provisioningStatus": provisioning_status,
-        }
-        if iot_hub_host_name is not None:
-            body["iotHubHostName"] = iot_hub_host_name
-        if initial_twin is not None:
-            body["initialTwin"] = initial_twin
-        body.update(allocation_fields(**allocation))
+        body = _enrollment_body(
+            {
+                "enrollmentGroupId": group_id,
+                "attestation": _x509_attestation(
+                    "signingCertificates", certificate, secondary_certificate
+                ),
+            },
+            provisioning_status,
+            iot_hub_host_name=iot_hub_host_name,
+            initial_twin=initial_twin,
+            allocation=allocation,
+        )
         return self.put_group(body)
 
     def put_group(self, body: dict[str, Any], *, etag: str | None = None) -> dict[str, Any]:
@@ -381,8 +404,7 @@ class ServiceClient:
 
     def delete_group(self, group_id: str, *, etag: str | None = None) -> None:
         """Delete an enrollment group; with ``etag``, only that version."""
-        headers = {"If-Match": f'"{etag}"'} if etag else None
-        self.request("DELETE", f"/enrollmentGroups/{_segment(group_id)}", headers=headers)
+        self._delete_object(f"/enrollmentGroups/{_segment(group_id)}", etag)
 
     # registrations
 

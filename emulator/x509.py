@@ -24,11 +24,11 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .certs import CertPaths
+from .certs import CertPaths, _sign_leaf
 from .errors import CertificateError, EmulatorError, ValidationError
 
 __all__ = [
@@ -332,39 +332,15 @@ class CertificateIssuer:
         """A client certificate for ``csr`` (CN = ``registration_id``, clientAuth, 30 days, never
         beyond the CA's own end); returns the chain as DER, leaf first, then the CA."""
         start = _utc(now)
-        not_after = min(start + ISSUED_VALIDITY, _not_after(self.ca_cert))
-        ca_ski = self.ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        validity = (start - ISSUED_BACKDATE, min(start + ISSUED_VALIDITY, _not_after(self.ca_cert)))
         public_key = csr.public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, registration_id)]))
-            .issuer_name(self.ca_cert.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start - ISSUED_BACKDATE)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                critical=False,
-            )
-            .sign(self._ca_key, hashes.SHA256())
+        leaf = _sign_leaf(
+            self.ca_cert,
+            self._ca_key,
+            registration_id,
+            public_key,
+            validity,
+            ExtendedKeyUsageOID.CLIENT_AUTH,
         )
         return [_der(leaf), _der(self.ca_cert)]

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import hashlib
 import http.client
-import ipaddress
 import json
 import logging
 import os
@@ -30,10 +28,6 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import dps_proto
 from dps_proto import (
@@ -57,6 +51,7 @@ from dps_proto import (
     verify_sas_token,
 )
 from dps_proto.payloads import MAX_PAYLOAD_BYTES
+from tests.support.pki import Pki, make_pki
 
 ID_SCOPE = "0ne00TEST02"
 DEVICE_KEY = base64.b64encode(b"device-key-0123456789abcdef-32by").decode()
@@ -66,109 +61,12 @@ API_VERSION = "2021-06-01"
 FAST = RetryPolicy(backoff_base=0.05, backoff_cap=0.2)
 
 
-# -- TLS material -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca_file: str
-    wrong_ca_file: str
-    server_cert: str
-    server_key: str
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _key_usage(*, ca: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _certificate(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None,
-) -> x509.Certificate:
-    """A CA certificate (no issuer: self-signed) or a localhost server certificate."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    signing_key, issuer_name = (
-        (key, _name(subject))
-        if issuer is None
-        else (
-            issuer[0],
-            issuer[1].subject,
-        )
-    )
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-        .add_extension(_key_usage(ca=issuer is None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    if issuer is not None:
-        builder = (
-            builder.add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[0].public_key()),
-                critical=False,
-            )
-        )
-    return builder.sign(signing_key, hashes.SHA256())
-
-
-def _pem(path: Path, cert: x509.Certificate) -> str:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(path)
+# -- TLS material (tests/support/pki.py) -------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("https-pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = _certificate("dps-mqtt https test CA", ca_key, None)
-    other_key = ec.generate_private_key(ec.SECP256R1())
-    other_ca = _certificate("some other CA", other_key, None)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _certificate("localhost", server_key, (ca_key, ca_cert))
-    key_path = directory / "server.key"
-    key_path.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return Pki(
-        ca_file=_pem(directory / "ca.pem", ca_cert),
-        wrong_ca_file=_pem(directory / "wrong-ca.pem", other_ca),
-        server_cert=_pem(directory / "server.pem", server_cert),
-        server_key=str(key_path),
-    )
+    return make_pki(tmp_path_factory.mktemp("https-pki"), "dps-mqtt https test CA")
 
 
 # -- a software TPM provider --------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import socket
 import ssl
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from dps_proto import (
 from tests.support.mosquitto import Mosquitto as Broker
 from tests.support.mosquitto import Pki, make_pki
 from tests.support.mosquitto import free_port as _free_port
+from tests.support.scripted import ScriptedTlsServer, packet, read_packet
 
 ID_SCOPE = "0ne00TEST01"
 DEVICE_KEY = base64.b64encode(b"device-key-0123456789abcdef-32by").decode()
@@ -389,37 +389,7 @@ def test_nothing_listening(pki: Pki, use_async: bool) -> None:
 # -- a scripted TLS MQTT server: CONNACK refusals, coalesced packets ---------------------------
 
 
-def _read_packet(conn: ssl.SSLSocket) -> tuple[int, bytes]:
-    """One MQTT packet: (first byte, body)."""
-    header = conn.recv(1)
-    if not header:
-        raise ConnectionError("closed")
-    length, shift = 0, 0
-    for _ in range(4):
-        byte = conn.recv(1)[0]
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
-    body = b""
-    while len(body) < length:
-        chunk = conn.recv(length - len(body))
-        if not chunk:
-            raise ConnectionError("closed")
-        body += chunk
-    return header[0], body
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    length, encoded = len(body), bytearray()
-    while True:
-        byte, length = length & 0x7F, length >> 7
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes([first]) + bytes(encoded) + body
-
-
-class ScriptedServer:
+class ScriptedServer(ScriptedTlsServer):
     """Accepts one TLS connection and plays a fixed script.
 
     With ``return_code`` it answers CONNECT with that CONNACK return code. Otherwise it accepts,
@@ -428,50 +398,23 @@ class ScriptedServer:
     SSL object (the selector sees nothing more on the socket).
     """
 
+    io_timeout = 10.0
+
     def __init__(self, pki: Pki, return_code: int | None = None) -> None:
+        super().__init__(pki, connections=1)
         self.return_code = return_code
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(pki.server_cert, pki.server_key)
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1)
-        self.listener.settimeout(10)
-        self.port: int = self.listener.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
 
-    def __enter__(self) -> ScriptedServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.listener.close()
-        self.thread.join(10)
-
-    def _serve(self) -> None:
-        try:
-            raw, _ = self.listener.accept()
-        except OSError:
-            return
-        raw.settimeout(10)
-        try:
-            with self.context.wrap_socket(raw, server_side=True) as conn:
-                self._script(conn)
-        except (OSError, IndexError):
-            return
-        finally:
-            raw.close()
-
-    def _script(self, conn: ssl.SSLSocket) -> None:
-        first, _ = _read_packet(conn)
+    def script(self, conn: ssl.SSLSocket) -> None:
+        first, _ = read_packet(conn)
         assert first == 0x10  # CONNECT
-        conn.sendall(_packet(0x20, bytes([0, self.return_code or 0])))
+        conn.sendall(packet(0x20, bytes([0, self.return_code or 0])))
         if self.return_code:
             conn.recv(1)  # wait for the client to close
             return
-        first, body = _read_packet(conn)
+        first, body = read_packet(conn)
         assert first == 0x82  # SUBSCRIBE
-        conn.sendall(_packet(0x90, body[:2] + b"\x01"))
-        first, body = _read_packet(conn)
+        conn.sendall(packet(0x90, body[:2] + b"\x01"))
+        first, body = read_packet(conn)
         assert first & 0xF6 == 0x32  # PUBLISH, QoS 1
         topic_length = int.from_bytes(body[:2], "big")
         request = parse_request_topic(body[2 : 2 + topic_length].decode())
@@ -485,11 +428,11 @@ class ScriptedServer:
         topic = response_topic(200, request.rid).encode()
         answer = encode_json(OperationStatus("op-1", "assigned", state))
         conn.sendall(
-            _packet(0x40, packet_id)  # PUBACK
-            + _packet(0x30, len(topic).to_bytes(2, "big") + topic + answer)  # PUBLISH QoS 0
+            packet(0x40, packet_id)  # PUBACK
+            + packet(0x30, len(topic).to_bytes(2, "big") + topic + answer)  # PUBLISH QoS 0
         )
         while True:
-            _read_packet(conn)  # until DISCONNECT or close
+            read_packet(conn)  # until DISCONNECT or close
 
 
 @pytest.mark.parametrize("use_async", [False, True])

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import ssl
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -44,7 +43,14 @@ from emulator.service_client import ServiceApiError, ServiceClient
 from hub_proto.auth import sas_password
 from hub_proto.topics import parse_c2d_topic, parse_method_request_topic, parse_twin_response_topic
 from tests.conftest import ID_SCOPE, start_emulator
-from tests.emulator.test_server import IO_TIMEOUT, RawClient, _qos2_publish, open_tls
+from tests.support.raw_mqtt import (
+    IO_TIMEOUT,
+    RawClient,
+    is_closed,
+    open_tls,
+    qos2_publish,
+    wait_for,
+)
 
 TWIN_RES = "$iothub/twin/res/#"
 DESIRED = "$iothub/twin/PATCH/properties/desired/#"
@@ -58,31 +64,9 @@ def c2d_filter(device_id: str) -> str:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-@dataclass
 class HubClient(RawClient):
-    """A raw client that acknowledges QoS 1 deliveries only when ``auto_ack`` is set."""
-
-    auto_ack: bool = True
-
-    def read_packet(self, deadline: float) -> Packet:
-        while not self.pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError("no packet from the server in time")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)
-            if not data:
-                raise AssertionError("the server closed the connection")
-            self.pending.extend(self.decoder.feed(data))
-        packet = self.pending.popleft()
-        if (
-            self.auto_ack
-            and isinstance(packet, Publish)
-            and packet.qos == 1
-            and packet.packet_id is not None
-        ):
-            self.send(PubAck(packet.packet_id))
-        return packet
+    """A raw client (acknowledging QoS 1 deliveries only while ``auto_ack`` is set) that can
+    wait for the next PUBLISH."""
 
     def publishes(self, timeout: float = IO_TIMEOUT) -> Publish:
         packet, _ = self.read_until(lambda p: isinstance(p, Publish), timeout)
@@ -138,8 +122,7 @@ def hub_connect_packet(
 
 
 def open_client(emulator: Emulator) -> HubClient:
-    raw = open_tls(emulator)
-    return HubClient(raw.sock)
+    return HubClient(open_tls(emulator).sock)
 
 
 def hub_connect(
@@ -169,21 +152,6 @@ def connect_code(emulator: Emulator, packet: Connect) -> int:
         return connack.return_code
     finally:
         client.close()
-
-
-def is_closed(client: RawClient, timeout: float = IO_TIMEOUT) -> bool:
-    """True once the server closes the connection (within ``timeout``); packets are skipped."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            client.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            if not client.sock.recv(65536):
-                return True
-        except socket.timeout:
-            return False
-        except (OSError, ssl.SSLError):
-            return True
-    return False
 
 
 def subscribe(client: RawClient, *filters: str, qos: int = 1) -> tuple[int, ...]:
@@ -230,13 +198,6 @@ def reported(client: HubClient, patch: Any) -> tuple[int, int | None, bytes]:
         client, "$iothub/twin/PATCH/properties/reported/", payload
     )
     return status, version, body
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = IO_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -354,7 +315,7 @@ def test_foreign_and_unknown_filters_are_refused(client: HubClient) -> None:
 
 
 def test_qos2_publish_closes_only_that_connection(client: HubClient) -> None:
-    client.send(_qos2_publish("devices/dev-a/messages/events/", b"x"))
+    client.send(qos2_publish("devices/dev-a/messages/events/", b"x"))
     assert is_closed(client)
 
 

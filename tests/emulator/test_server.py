@@ -1,7 +1,7 @@
 """The running emulator over real loopback TLS sockets, driven by a raw MQTT client.
 
-The raw client is an ``ssl`` socket plus the emulator's own codec (``encode`` and
-``PacketDecoder(role="client")``), so every byte on the wire is under the test's control. Every
+The raw client (tests/support/raw_mqtt.py) is an ``ssl`` socket plus the emulator's own codec,
+so every byte on the wire is under the test's control. Every
 socket has a timeout; "the server closed the connection" is observed as EOF (or a TLS/socket
 error) within a bounded time, never as a duration.
 """
@@ -9,17 +9,14 @@ error) within a bounded time, never as a duration.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
 import socket
 import ssl
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -47,90 +44,25 @@ from emulator.mqtt_codec import (
 from emulator.mqtt_server import ServerLimits
 from emulator.server import Emulator, EmulatorThread
 from tests.conftest import ID_SCOPE
+from tests.support.raw_mqtt import (
+    IO_TIMEOUT,
+    RawClient,
+    expect_closed,
+    open_plain,
+    open_tls,
+    publish_header,
+    qos2_publish,
+    wait_for,
+)
 
 KEY_1 = base64.b64encode(bytes(range(32))).decode()
 KEY_2 = base64.b64encode(bytes(range(32, 64))).decode()
 GROUP_KEY_1 = base64.b64encode(bytes(range(64, 128))).decode()
 GROUP_KEY_2 = base64.b64encode(bytes(range(128, 160))).decode()
 SUBSCRIPTION = "$dps/registrations/res/#"
-#: Bound on every single socket operation and on every "wait for X" loop.
-IO_TIMEOUT = 10.0
 
 
-# -- raw client --------------------------------------------------------------------------------
-
-
-@dataclass
-class RawClient:
-    """A TLS (or plain) socket speaking MQTT through the emulator's codec."""
-
-    sock: socket.socket
-    decoder: PacketDecoder = field(default_factory=lambda: PacketDecoder(role="client"))
-    pending: deque[Packet] = field(default_factory=deque)
-    next_id: int = 0
-
-    def send(self, data: Packet | bytes) -> None:
-        self.sock.sendall(data if isinstance(data, bytes) else encode(data))
-
-    def packet_id(self) -> int:
-        self.next_id += 1
-        return self.next_id
-
-    def read_packet(self, deadline: float) -> Packet:
-        """The next packet from the server; fails on EOF or when ``deadline`` passes."""
-        while not self.pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError("no packet from the server in time")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)
-            if not data:
-                raise AssertionError("the server closed the connection")
-            self.pending.extend(self.decoder.feed(data))
-        packet = self.pending.popleft()
-        if isinstance(packet, Publish) and packet.qos == 1 and packet.packet_id is not None:
-            self.send(PubAck(packet.packet_id))
-        return packet
-
-    def read_until(
-        self, match: Callable[[Packet], bool], timeout: float = IO_TIMEOUT
-    ) -> tuple[Packet, list[Packet]]:
-        """Read until a packet matches; returns it and the packets read before it."""
-        deadline = time.monotonic() + timeout
-        skipped: list[Packet] = []
-        while True:
-            packet = self.read_packet(deadline)
-            if match(packet):
-                return packet, skipped
-            skipped.append(packet)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-def tls_context(emulator: Emulator, max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(emulator.ca_file))
-    if max_version is not None:
-        context.maximum_version = max_version
-    return context
-
-
-def open_tls(emulator: Emulator, max_version: ssl.TLSVersion | None = None) -> RawClient:
-    raw = socket.create_connection(("127.0.0.1", emulator.mqtt_port), timeout=IO_TIMEOUT)
-    try:
-        sock = tls_context(emulator, max_version).wrap_socket(raw, server_hostname="localhost")
-    except BaseException:
-        raw.close()
-        raise
-    sock.settimeout(IO_TIMEOUT)
-    return RawClient(sock)
-
-
-def open_plain(emulator: Emulator) -> RawClient:
-    return RawClient(
-        socket.create_connection(("127.0.0.1", emulator.mqtt_port), timeout=IO_TIMEOUT)
-    )
+# -- raw client (tests/support/raw_mqtt.py) ------------------------------------------------
 
 
 def sas_token(key: str, registration_id: str, expiry: int, scope: str = ID_SCOPE) -> bytes:
@@ -224,35 +156,6 @@ def register(client: RawClient, registration_id: str, prefix: str = "r") -> dict
             return body
         assert status == 202, body
     raise AssertionError("still assigning after 4 polls")
-
-
-def expect_closed(client: RawClient, timeout: float = IO_TIMEOUT) -> bytes:
-    """Read until the server closes (EOF, reset or TLS error); returns what came before."""
-    deadline = time.monotonic() + timeout
-    received = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError("the server did not close the connection")
-        client.sock.settimeout(remaining)
-        try:
-            data = client.sock.recv(65536)
-        except (TimeoutError, socket.timeout):
-            raise AssertionError("the server did not close the connection") from None
-        except (ssl.SSLError, ConnectionError, OSError):
-            return received
-        if not data:
-            return received
-        received += data
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = IO_TIMEOUT) -> None:
-    """Poll a condition about the emulator's state, a bounded number of times."""
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 def enroll(emulator: Emulator, registration_id: str, **changes: Any) -> None:
@@ -463,23 +366,9 @@ def test_without_subscription_no_answer(emulator: Emulator) -> None:
 # -- bad inputs close only the offending connection --------------------------------------------
 
 
-def _publish_header(remaining_length: int, flags: int = 0x02) -> bytes:
-    out = bytearray([0x30 | flags])
-    while True:
-        byte, remaining_length = remaining_length % 128, remaining_length // 128
-        out.append(byte | 0x80 if remaining_length else byte)
-        if not remaining_length:
-            return bytes(out)
-
-
-def _qos2_publish(topic: str, payload: bytes) -> bytes:
-    body = len(topic).to_bytes(2, "big") + topic.encode() + (1).to_bytes(2, "big") + payload
-    return _publish_header(len(body), flags=0x04) + body
-
-
 def bad_oversized_header(emulator: Emulator) -> RawClient:
     client = connect(emulator, "bad-1")
-    client.send(_publish_header(10 * 1024 * 1024))
+    client.send(publish_header(10 * 1024 * 1024))
     return client
 
 
@@ -494,7 +383,7 @@ def bad_large_dps_payload(emulator: Emulator) -> RawClient:
 def bad_qos2_publish(emulator: Emulator) -> RawClient:
     client = connect(emulator, "bad-1")
     subscribe(client)
-    client.send(_qos2_publish(register_topic("1"), b'{"registrationId":"bad-1"}'))
+    client.send(qos2_publish(register_topic("1"), b'{"registrationId":"bad-1"}'))
     return client
 
 
@@ -552,7 +441,7 @@ def bad_wildcard_in_publish_topic(emulator: Emulator) -> RawClient:
     client = connect(emulator, "bad-1")
     topic = "$dps/registrations/#"
     body = len(topic).to_bytes(2, "big") + topic.encode() + b"{}"
-    client.send(_publish_header(len(body), flags=0) + body)
+    client.send(publish_header(len(body), flags=0) + body)
     return client
 
 

@@ -1,9 +1,10 @@
-"""Test PKI for X.509 attestation, made fresh in each test (nothing is checked in): CAs,
-intermediates, device certificates, and PEM files of them for the clients."""
+"""Test PKI, made fresh in each test (nothing is checked in): CAs, intermediates, device
+certificates and PEM files of them for X.509 attestation, and the TLS material of test servers."""
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +73,11 @@ def make_cert(
     path_length: int | None = None,
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
+    server: bool = False,
 ) -> Issued:
     """A certificate for ``common_name`` signed by ``issuer`` (None: self-signed); a CA with
-    ``ca``, else a client certificate (clientAuth)."""
+    ``ca``, a localhost / 127.0.0.1 server certificate with ``server``, else a client certificate
+    (clientAuth)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -92,7 +95,21 @@ def make_cert(
         .add_extension(_key_usage(ca=ca), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
-    if not ca:
+    if server:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        ).add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        if issuer is not None:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+                critical=False,
+            )
+    elif not ca:
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
@@ -104,3 +121,30 @@ def expired(common_name: str, issuer: Issued | None = None) -> Issued:
     """A client certificate that expired yesterday."""
     now = _now()
     return make_cert(common_name, issuer=issuer, not_before=now - 10 * DAY, not_after=now - DAY)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """PEM files of a test CA, an unrelated CA, and a server certificate for localhost."""
+
+    ca_file: str
+    wrong_ca_file: str
+    server_cert: str
+    server_key: str
+
+
+def make_pki(directory: Path, ca_name: str = "dps-mqtt test CA") -> Pki:
+    """Write a fresh CA, a wrong CA and a localhost server certificate into ``directory``."""
+    ca = make_cert(ca_name, ca=True)
+    wrong_ca = make_cert("some other CA", ca=True)
+    server_cert, server_key = make_cert("localhost", issuer=ca, server=True).write(
+        directory, "server"
+    )
+    (directory / "ca.pem").write_text(ca.pem)
+    (directory / "wrong-ca.pem").write_text(wrong_ca.pem)
+    return Pki(
+        ca_file=str(directory / "ca.pem"),
+        wrong_ca_file=str(directory / "wrong-ca.pem"),
+        server_cert=server_cert,
+        server_key=server_key,
+    )

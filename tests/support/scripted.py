@@ -1,8 +1,10 @@
-"""A scripted TLS MQTT server for cases a real broker will not play: CONNACK refusals.
+"""Scripted TLS MQTT servers for cases a real broker will not play: CONNACK refusals.
 
-:class:`RefusingServer` accepts any number of TLS connections and answers every CONNECT with one
-fixed CONNACK return code, counting the attempts (and keeping their user names and passwords, so
-a test can check what a client sent without a broker that validates SAS tokens).
+:class:`ScriptedTlsServer` serves TLS connections on a loopback port, playing a subclass's
+:meth:`~ScriptedTlsServer.script` on each. :class:`RefusingServer` accepts any number of TLS
+connections and answers every CONNECT with one fixed CONNACK return code, counting the attempts
+(and keeping their user names and passwords, so a test can check what a client sent without a
+broker that validates SAS tokens).
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+from typing import TypeVar
 
-from .mosquitto import Pki
+from .pki import Pki
+
+_Server = TypeVar("_Server", bound="ScriptedTlsServer")
 
 
 def read_packet(conn: ssl.SSLSocket) -> tuple[int, bytes]:
@@ -67,11 +72,14 @@ def parse_connect(body: bytes) -> tuple[str, str | None, str | None]:
     return client_id, user, password
 
 
-class RefusingServer:
-    """Answers every CONNECT with CONNACK ``return_code`` (on 127.0.0.1, a free port)."""
+class ScriptedTlsServer:
+    """Accepts TLS connections on 127.0.0.1 (a free port) and plays :meth:`script` on each, until
+    closed or (with ``connections``) that many have been served."""
 
-    def __init__(self, pki: Pki, return_code: int) -> None:
-        self.return_code = return_code
+    #: Time-out of every socket operation on an accepted connection.
+    io_timeout = 5.0
+
+    def __init__(self, pki: Pki, *, connections: int | None = None) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(pki.server_cert, pki.server_key)
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -79,18 +87,11 @@ class RefusingServer:
         self.listener.listen(8)
         self.listener.settimeout(0.2)
         self.port: int = self.listener.getsockname()[1]
-        self.connects: list[tuple[str, str | None, str | None]] = []
-        self._lock = threading.Lock()
+        self._connections = connections
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
 
-    @property
-    def attempts(self) -> int:
-        """CONNECT packets received so far."""
-        with self._lock:
-            return len(self.connects)
-
-    def __enter__(self) -> RefusingServer:
+    def __enter__(self: _Server) -> _Server:
         self.thread.start()
         return self
 
@@ -99,25 +100,50 @@ class RefusingServer:
         self.thread.join(10)
         self.listener.close()
 
+    def script(self, conn: ssl.SSLSocket) -> None:
+        """Play one connection (the caller closes it)."""
+        raise NotImplementedError
+
     def _serve(self) -> None:
-        while not self._stop.is_set():
+        served = 0
+        while not self._stop.is_set() and (self._connections is None or served < self._connections):
             try:
                 raw, _ = self.listener.accept()
             except socket.timeout:
                 continue
             except OSError:
                 return
-            raw.settimeout(5)
+            served += 1
+            raw.settimeout(self.io_timeout)
             try:
                 with self.context.wrap_socket(raw, server_side=True) as conn:
-                    first, body = read_packet(conn)
-                    if first != 0x10:  # CONNECT
-                        continue
-                    with self._lock:
-                        self.connects.append(parse_connect(body))
-                    conn.sendall(packet(0x20, bytes([0, self.return_code])))
-                    conn.recv(1)  # until the client closes
+                    self.script(conn)
             except (OSError, IndexError, ValueError):
                 pass
             finally:
                 raw.close()
+
+
+class RefusingServer(ScriptedTlsServer):
+    """Answers every CONNECT with CONNACK ``return_code`` (on 127.0.0.1, a free port)."""
+
+    def __init__(self, pki: Pki, return_code: int) -> None:
+        super().__init__(pki)
+        self.return_code = return_code
+        self.connects: list[tuple[str, str | None, str | None]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def attempts(self) -> int:
+        """CONNECT packets received so far."""
+        with self._lock:
+            return len(self.connects)
+
+    def script(self, conn: ssl.SSLSocket) -> None:
+        first, body = read_packet(conn)
+        if first != 0x10:  # CONNECT
+            return
+        with self._lock:
+            self.connects.append(parse_connect(body))
+        conn.sendall(packet(0x20, bytes([0, self.return_code])))
+        conn.recv(1)  # until the client closes
