@@ -649,33 +649,21 @@ class _EnrollmentFields:
 
 
 def _common_json(
-    out: dict[str, Any],
-    *,
-    iot_hub_host_name: str | None,
-    initial_twin: dict[str, Any] | None,
-    provisioning_status: str,
-    allocation_policy: str | None,
-    iot_hubs: list[str] | None,
-    reprovision_policy: dict[str, bool] | None,
-    etag: str,
-    created: str,
-    last_updated: str,
-    custom_allocation_definition: dict[str, str] | None = None,
+    out: dict[str, Any], record: IndividualEnrollment | EnrollmentGroup
 ) -> dict[str, Any]:
-    _put(out, "iotHubHostName", iot_hub_host_name)
-    _put(out, "initialTwin", initial_twin)
-    _put(out, "provisioningStatus", provisioning_status)
-    _put(out, "allocationPolicy", allocation_policy)
-    _put(out, "iotHubs", None if iot_hubs is None else list(iot_hubs))
-    _put(out, "reprovisionPolicy", None if reprovision_policy is None else dict(reprovision_policy))
-    _put(
-        out,
-        "customAllocationDefinition",
-        None if custom_allocation_definition is None else dict(custom_allocation_definition),
-    )
-    _put(out, "etag", etag)
-    _put(out, "createdDateTimeUtc", created)
-    _put(out, "lastUpdatedDateTimeUtc", last_updated)
+    """Add the fields individual enrollments and groups share to ``out`` (absent ones omitted)."""
+    _put(out, "iotHubHostName", record.iot_hub_host_name)
+    _put(out, "initialTwin", record.initial_twin)
+    _put(out, "provisioningStatus", record.provisioning_status)
+    _put(out, "allocationPolicy", record.allocation_policy)
+    _put(out, "iotHubs", None if record.iot_hubs is None else list(record.iot_hubs))
+    policy = record.reprovision_policy
+    _put(out, "reprovisionPolicy", None if policy is None else dict(policy))
+    custom = record.custom_allocation_definition
+    _put(out, "customAllocationDefinition", None if custom is None else dict(custom))
+    _put(out, "etag", record.etag)
+    _put(out, "createdDateTimeUtc", record.created)
+    _put(out, "lastUpdatedDateTimeUtc", record.last_updated)
     return out
 
 
@@ -702,19 +690,7 @@ class IndividualEnrollment:
         out: dict[str, Any] = {"registrationId": self.registration_id}
         _put(out, "deviceId", self.device_id)
         out["attestation"] = self.attestation.to_json()
-        return _common_json(
-            out,
-            iot_hub_host_name=self.iot_hub_host_name,
-            initial_twin=self.initial_twin,
-            provisioning_status=self.provisioning_status,
-            allocation_policy=self.allocation_policy,
-            iot_hubs=self.iot_hubs,
-            reprovision_policy=self.reprovision_policy,
-            etag=self.etag,
-            created=self.created,
-            last_updated=self.last_updated,
-            custom_allocation_definition=self.custom_allocation_definition,
-        )
+        return _common_json(out, self)
 
     @classmethod
     def from_json(
@@ -767,19 +743,7 @@ class EnrollmentGroup:
             "enrollmentGroupId": self.enrollment_group_id,
             "attestation": self.attestation.to_json(),
         }
-        return _common_json(
-            out,
-            iot_hub_host_name=self.iot_hub_host_name,
-            initial_twin=self.initial_twin,
-            provisioning_status=self.provisioning_status,
-            allocation_policy=self.allocation_policy,
-            iot_hubs=self.iot_hubs,
-            reprovision_policy=self.reprovision_policy,
-            etag=self.etag,
-            created=self.created,
-            last_updated=self.last_updated,
-            custom_allocation_definition=self.custom_allocation_definition,
-        )
+        return _common_json(out, self)
 
     @classmethod
     def from_json(

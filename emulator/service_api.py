@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Callable, Protocol, TypeVar, Union
 from urllib.parse import parse_qs, unquote
 
 from hub_proto.errors import HubParseError
@@ -56,6 +56,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: An enrollment record (individual or group) going through the shared PUT path.
+_R = TypeVar("_R", IndividualEnrollment, EnrollmentGroup)
 
 #: Largest request body the API reads; anything bigger is refused with 413 before reading it.
 MAX_BODY_BYTES = 1024 * 1024
@@ -591,6 +594,34 @@ class ServiceApi:
             )
         return current_etag
 
+    def _store_record(
+        self,
+        request: Request,
+        record: _R,
+        existing: _R | None,
+        now: str,
+        what: str,
+        put: Callable[..., _R],
+    ) -> Response:
+        """Check hubs, allocation and ``If-Match``, keep the creation time, store atomically."""
+        self._check_hubs(record.iot_hub_host_name, record.iot_hubs)
+        _check_allocation(record)
+        expected = self._precondition(
+            request.header("If-Match"), None if existing is None else existing.etag, what
+        )
+        record = dataclasses.replace(
+            record,
+            etag="",
+            created=now if existing is None else existing.created,
+            last_updated=now,
+        )
+        try:
+            stored = put(record, expected_etag=expected)
+        except ConflictError as exc:
+            raise ApiError(412, ERROR_PRECONDITION_FAILED, str(exc)) from exc
+        logger.info("%s %s", what, "replaced" if existing else "created")
+        return Response(200, stored.to_json(), {"ETag": f'"{stored.etag}"'})
+
     # individual enrollments
 
     def _list_enrollments(self, request: Request) -> Response:
@@ -608,26 +639,15 @@ class ServiceApi:
         data = self._body_object(request, "registrationId", registration_id)
         now = self._now()
         enrollment = IndividualEnrollment.from_json(data, now=now, generate_key=_generate_key)
-        self._check_hubs(enrollment.iot_hub_host_name, enrollment.iot_hubs)
-        _check_allocation(enrollment)
         existing = self._store.get_enrollment(registration_id)
-        expected = self._precondition(
-            request.header("If-Match"),
-            None if existing is None else existing.etag,
-            f"enrollment {registration_id!r}",
-        )
-        enrollment = dataclasses.replace(
+        return self._store_record(
+            request,
             enrollment,
-            etag="",
-            created=now if existing is None else existing.created,
-            last_updated=now,
+            existing,
+            now,
+            f"enrollment {registration_id}",
+            self._store.put_enrollment,
         )
-        try:
-            stored = self._store.put_enrollment(enrollment, expected_etag=expected)
-        except ConflictError as exc:
-            raise ApiError(412, ERROR_PRECONDITION_FAILED, str(exc)) from exc
-        logger.info("enrollment %s %s", registration_id, "replaced" if existing else "created")
-        return Response(200, stored.to_json(), {"ETag": f'"{stored.etag}"'})
 
     def _delete_enrollment(self, request: Request) -> Response:
         registration_id = validate_registration_id(request.params["registrationId"])
@@ -658,26 +678,10 @@ class ServiceApi:
         data = self._body_object(request, "enrollmentGroupId", group_id)
         now = self._now()
         group = EnrollmentGroup.from_json(data, now=now, generate_key=_generate_key)
-        self._check_hubs(group.iot_hub_host_name, group.iot_hubs)
-        _check_allocation(group)
         existing = self._store.get_group(group_id)
-        expected = self._precondition(
-            request.header("If-Match"),
-            None if existing is None else existing.etag,
-            f"enrollment group {group_id!r}",
+        return self._store_record(
+            request, group, existing, now, f"enrollment group {group_id}", self._store.put_group
         )
-        group = dataclasses.replace(
-            group,
-            etag="",
-            created=now if existing is None else existing.created,
-            last_updated=now,
-        )
-        try:
-            stored = self._store.put_group(group, expected_etag=expected)
-        except ConflictError as exc:
-            raise ApiError(412, ERROR_PRECONDITION_FAILED, str(exc)) from exc
-        logger.info("enrollment group %s %s", group_id, "replaced" if existing else "created")
-        return Response(200, stored.to_json(), {"ETag": f'"{stored.etag}"'})
 
     def _delete_group(self, request: Request) -> Response:
         group_id = validate_enrollment_group_id(request.params["enrollmentGroupId"])
