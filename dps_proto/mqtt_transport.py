@@ -10,7 +10,6 @@ The key, the SAS token and the password are never logged.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import queue
@@ -18,14 +17,13 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from .csr import CSR_API_VERSION, api_version_supports_csr, csr_base64
 from .errors import DpsConnectionError, DpsError, ProvisioningTimeout, SasError
-from .paho_asyncio import AsyncioPahoAdapter
 from .payloads import RegisterRequest, build_register_payload
 from .registration import Assignment, Registration, RetryPolicy
 from .sas import DPS_KEY_NAME, Signer, dps_resource_uri
@@ -45,6 +43,9 @@ from .transport_support import (
     require_one,
     set_nodelay,
 )
+
+if TYPE_CHECKING:
+    from .paho_asyncio import AsyncioPahoAdapter
 
 __all__ = ["DEFAULT_CLIENT_VERSION", "MAX_RECONNECTS", "provision", "provision_async"]
 
@@ -658,6 +659,10 @@ async def provision_async(
         policy=policy,
         keepalive=keepalive,
     )
+    import asyncio  # only the asyncio path pays for it (the blocking path never loads it)
+
+    from .paho_asyncio import AsyncioPahoAdapter
+
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[_Event] = asyncio.Queue()
     adapters: list[AsyncioPahoAdapter] = []
